@@ -43,7 +43,8 @@ def emulator_session() -> Iterator[Any]:
         return
     from presenced.testing.mongo import MongoEmulator
 
-    with MongoEmulator() as emu:
+    emu = MongoEmulator()
+    with emu:
         yield emu
 
 

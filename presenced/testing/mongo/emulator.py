@@ -1,0 +1,101 @@
+"""MongoEmulator: start, stop and restart the emulated replica set from Python.
+
+Owns: the lifetime of one emulated server (its storage survives stop/start, and is
+saved to / loaded from a snapshot file when one is given). Never used by the daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from presenced.testing.mongo.server import MongoServer
+from presenced.testing.mongo.storage import Storage
+
+
+class MongoEmulator:
+    """An emulated one-node replica set on 127.0.0.1, served from threads in this process.
+
+    ``with MongoEmulator() as url:`` starts it and yields its connection string.
+    """
+
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        host: str = "127.0.0.1",
+        replica_set: str = "rs0",
+        oplog_size: int = 100_000,
+        ttl_monitor_interval: float = 60.0,
+        noop_interval: float | None = 10.0,
+        cursor_timeout: float = 600.0,
+        snapshot_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if ttl_monitor_interval <= 0:
+            raise ValueError("ttl_monitor_interval must be > 0 seconds")
+        self.host = host
+        self.replica_set = replica_set
+        self.snapshot_path = Path(snapshot_path) if snapshot_path is not None else None
+        self.storage = Storage(oplog_size)
+        if self.snapshot_path is not None and self.snapshot_path.exists():
+            with self.snapshot_path.open("rb") as f:
+                self.storage.load(pickle.load(f))
+        self._server = MongoServer(
+            self.storage, host=host, port=port, replica_set=replica_set,
+            ttl_monitor_interval=ttl_monitor_interval, noop_interval=noop_interval,
+            cursor_timeout=cursor_timeout,
+        )
+        self.running = False
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    @property
+    def url(self) -> str:
+        return f"mongodb://{self.host}:{self.port}/?replicaSet={self.replica_set}"
+
+    def start(self) -> str:
+        if not self.running:
+            self._server.start()
+            self.running = True
+        return self.url
+
+    def stop(self) -> None:
+        """Close the listener and every client connection; keep the data (and save it)."""
+        if self.running:
+            self._server.stop()
+            self.running = False
+        if self.snapshot_path is not None:
+            self.save_snapshot(self.snapshot_path)
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        self.stop()
+        if down_seconds > 0:
+            time.sleep(down_seconds)
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+
+    def save_snapshot(self, path: str | os.PathLike[str]) -> None:
+        target = Path(path)
+        with self.storage.lock:
+            data = self.storage.dump()
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, target)
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

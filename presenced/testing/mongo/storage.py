@@ -1,0 +1,793 @@
+"""The emulator's data: databases, collections, indexes and the oplog.
+
+Owns: every document the emulator holds, the catalog (which collections exist, their
+UUIDs and options), the logical clock, the oplog (one entry per write, MongoDB's
+format) and the opcounters. mongomock-ng is the query and update engine underneath;
+this module adds what it lacks: O(1) access by ``_id``, capture of each write's
+before/after images (turned into oplog entries with ``$v: 2`` diffs), a TTL monitor that
+runs on a period like MongoDB's instead of on every read, and a catalog.
+
+It must never touch sockets or know the wire protocol. Every public method is called
+with ``Storage.lock`` held by the caller (the command layer takes it once per command),
+so a command is atomic with respect to every other.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import datetime as dt
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import mongomock_ng
+from bson import Timestamp
+from bson.binary import Binary, UuidRepresentation
+from mongomock_ng import collection as mm_collection
+from mongomock_ng import database as mm_database
+from mongomock_ng import helpers as mm_helpers
+from mongomock_ng import store as mm_store
+from mongomock_ng.filtering import filter_applies
+
+from presenced.testing.mongo.diff import compute_v2_diff
+from presenced.testing.mongo.errors import CommandError
+
+Document = dict[str, Any]
+
+# --------------------------------------------------------------------------------------
+# mongomock-ng hooks. mongomock keeps each collection in an OrderedDict keyed by _id but
+# scans it for every query, expires TTL documents on every read, and has no notion of a
+# write's before/after image. The subclasses below (installed into mongomock's modules,
+# which only the emulator process uses) add an _id fast path, move TTL expiry to our
+# monitor, and report every document a write touches to the active capture.
+# --------------------------------------------------------------------------------------
+
+_MISSING: Any = object()
+
+
+class _Capture:
+    """Pre-images of every document one write statement touched, in touch order."""
+
+    def __init__(self, documents: dict[Any, Any]) -> None:
+        self.documents = documents
+        self.before: dict[Any, Any] = {}
+
+    def see(self, key: Any) -> None:
+        if key not in self.before:
+            doc = self.documents.get(key, _MISSING)
+            self.before[key] = _MISSING if doc is _MISSING else copy.deepcopy(doc)
+
+
+_active_capture: _Capture | None = None
+
+
+def _store_key(value: Any) -> Any:
+    return mm_helpers.hashdict(value) if isinstance(value, dict) else value
+
+
+class _CollectionStore(mm_store.CollectionStore):  # type: ignore[misc]
+    def _remove_expired_documents(self) -> None:
+        """Disabled: Storage.expire_ttl runs on the TTL monitor's period, like MongoDB."""
+
+    def __setitem__(self, key: Any, val: Any) -> None:
+        cap = _active_capture
+        if cap is not None and cap.documents is self._documents:
+            cap.see(key)
+        super().__setitem__(key, val)
+
+    def __delitem__(self, key: Any) -> None:
+        cap = _active_capture
+        if cap is not None and cap.documents is self._documents:
+            cap.see(key)
+        super().__delitem__(key)
+
+
+def _id_candidates(filter: Any) -> list[Any] | None:
+    """The _id values a filter is restricted to, or None when it is not."""
+    if not isinstance(filter, Mapping) or "_id" not in filter:
+        return None
+    value = filter["_id"]
+    if isinstance(value, dict):
+        keys = set(value)
+        if keys == {"$in"} and isinstance(value["$in"], list):
+            values = value["$in"]
+            if any(isinstance(v, dict | list) or hasattr(v, "pattern") for v in values):
+                return None
+            return values
+        if keys == {"$eq"}:
+            value = value["$eq"]
+        elif any(k.startswith("$") for k in keys):
+            return None
+    if isinstance(value, list) or hasattr(value, "pattern"):
+        return None
+    return [value]
+
+
+class _Collection(mm_collection.Collection):  # type: ignore[misc]
+    def _iter_documents(self, filter: Any) -> Iterator[Document]:
+        documents = self._store._documents
+        ids = _id_candidates(filter)
+        if ids is None:
+            candidates = list(documents.values())
+        else:
+            seen: set[Any] = set()
+            candidates = []
+            for value in ids:
+                key = _store_key(value)
+                doc = documents.get(key)
+                if doc is not None and key not in seen:
+                    seen.add(key)
+                    candidates.append(doc)
+        if not candidates:
+            filter_applies(filter, {})  # raises on an invalid filter, as MongoDB does
+        cap = _active_capture
+        for doc in candidates:
+            if filter_applies(filter, doc):
+                if cap is not None and cap.documents is documents:
+                    cap.see(_store_key(doc["_id"]))
+                yield doc
+
+
+mm_store.CollectionStore = _CollectionStore
+mm_database.Collection = _Collection
+
+
+# --------------------------------------------------------------------------------------
+# Logical clock and oplog
+# --------------------------------------------------------------------------------------
+
+
+class LogicalClock:
+    """Cluster time: Timestamp(seconds, increment), strictly increasing per tick."""
+
+    def __init__(self, wall: Callable[[], float] = time.time) -> None:
+        self._wall = wall
+        self.last = Timestamp(int(wall()), 0)
+
+    def tick(self) -> Timestamp:
+        now = int(self._wall())
+        if now > self.last.time:
+            self.last = Timestamp(now, 1)
+        else:
+            self.last = Timestamp(self.last.time, self.last.inc + 1)
+        return self.last
+
+
+@dataclass(slots=True)
+class OplogRecord:
+    seq: int
+    ts: Timestamp
+    entry: Document
+    #: Images kept only for collections with changeStreamPreAndPostImages enabled.
+    pre: Document | None = None
+    post: Document | None = None
+
+
+class Oplog:
+    """A bounded, ordered history of writes: the emulator's ``local.oplog.rs``.
+
+    Records have a sequence number; the list keeps a logical head so eviction is
+    amortised O(1). ``last_evicted_ts`` tells readers whether history they need is gone.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        if max_entries < 1:
+            raise ValueError("oplog_size must be at least 1")
+        self.max_entries = max_entries
+        self._items: list[OplogRecord] = []
+        self._offset = 0  # seq of _items[0]
+        self._head = 0  # index of the first retained record
+        self.last_evicted_ts: Timestamp | None = None
+
+    @property
+    def first_seq(self) -> int:
+        return self._offset + self._head
+
+    @property
+    def next_seq(self) -> int:
+        return self._offset + len(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items) - self._head
+
+    def append(self, ts: Timestamp, entry: Document, pre: Any = None, post: Any = None) -> None:
+        self._items.append(OplogRecord(self.next_seq, ts, entry, pre, post))
+        while len(self) > self.max_entries:
+            self.last_evicted_ts = self._items[self._head].ts
+            self._head += 1
+        if self._head > 1024 and self._head * 2 > len(self._items):
+            del self._items[: self._head]
+            self._offset += self._head
+            self._head = 0
+
+    def get(self, seq: int) -> OplogRecord | None:
+        i = seq - self._offset
+        if self._head <= i < len(self._items):
+            return self._items[i]
+        return None
+
+    def records_from(self, seq: int) -> Iterator[OplogRecord]:
+        i = max(seq - self._offset, self._head)
+        items = self._items
+        while i < len(items):
+            yield items[i]
+            i += 1
+
+    def seq_after(self, ts: Timestamp, inclusive: bool = False) -> int:
+        """Seq of the first record with ts > ts (>= when inclusive)."""
+        find = bisect.bisect_left if inclusive else bisect.bisect_right
+        i = find(self._items, ts, lo=self._head, key=lambda r: r.ts)
+        return self._offset + i
+
+    def last_ts(self) -> Timestamp | None:
+        return self._items[-1].ts if len(self) else None
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            "records": [(r.ts, r.entry, r.pre, r.post) for r in self._items[self._head :]],
+            "first_seq": self.first_seq,
+            "last_evicted_ts": self.last_evicted_ts,
+        }
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self._offset = state["first_seq"]
+        self._head = 0
+        self.last_evicted_ts = state["last_evicted_ts"]
+        self._items = [
+            OplogRecord(self._offset + i, ts, entry, pre, post)
+            for i, (ts, entry, pre, post) in enumerate(state["records"])
+        ]
+
+
+# --------------------------------------------------------------------------------------
+# Catalog and storage
+# --------------------------------------------------------------------------------------
+
+SYSTEM_DATABASES = frozenset({"admin", "config", "local"})
+OPLOG_NS = ("local", "oplog.rs")
+
+
+@dataclass
+class CollectionInfo:
+    uuid: Binary
+    options: Document = field(default_factory=dict)
+
+    @property
+    def images_enabled(self) -> bool:
+        opt = self.options.get("changeStreamPreAndPostImages")
+        return isinstance(opt, Mapping) and bool(opt.get("enabled"))
+
+
+@dataclass
+class WriteOutcome:
+    """What one write statement did, for the command's reply."""
+
+    matched: int = 0
+    modified: int = 0
+    deleted: int = 0
+    inserted: int = 0
+    upserted_id: Any = _MISSING
+    value: Any = None  # findAndModify's document
+
+
+def validate_collection_name(name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        raise CommandError(73, f"Invalid namespace specified: collection name {name!r}")
+    if "$" in name or "\x00" in name or name.startswith(".") or name.endswith("."):
+        raise CommandError(73, f"Invalid collection name: {name}")
+    return name
+
+
+def validate_database_name(name: Any) -> str:
+    if not isinstance(name, str) or not name or len(name) > 63:
+        raise CommandError(73, f"Invalid database name: {name!r}")
+    if any(c in name for c in '/\\. "$\x00'):
+        raise CommandError(73, f"Invalid database name: {name!r}")
+    return name
+
+
+class Storage:
+    def __init__(self, oplog_size: int = 100_000, wall: Callable[[], float] = time.time) -> None:
+        self.lock = threading.RLock()
+        #: Notified (with lock held) after every write: awaitData cursors wait on it.
+        self.changed = threading.Condition(self.lock)
+        self._wall = wall
+        self.clock = LogicalClock(wall)
+        self.oplog = Oplog(oplog_size)
+        self.catalog: dict[str, dict[str, CollectionInfo]] = {}
+        self.opcounters = dict.fromkeys(
+            ("insert", "query", "update", "delete", "getmore", "command"), 0
+        )
+        self._mm = mongomock_ng.MongoClient()
+        self._index_extra: dict[tuple[str, str, str], Document] = {}
+
+    # -- time ------------------------------------------------------------------------
+    def now(self) -> dt.datetime:
+        """Wall time with millisecond precision, naive UTC (as BSON dates decode)."""
+        ms = int(self._wall() * 1000)
+        return dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=ms)
+
+    @property
+    def operation_time(self) -> Timestamp:
+        return self.clock.last
+
+    # -- catalog ---------------------------------------------------------------------
+    def database_names(self) -> list[str]:
+        names = [db for db, colls in self.catalog.items() if colls]
+        if "local" not in names:
+            names.append("local")
+        return sorted(names)
+
+    def collections(self, db: str) -> dict[str, CollectionInfo]:
+        colls = dict(self.catalog.get(db, {}))
+        if db == "local":
+            colls.setdefault(
+                "oplog.rs",
+                CollectionInfo(_OPLOG_UUID, {"capped": True, "size": self.oplog.max_entries}),
+            )
+        return colls
+
+    def info(self, db: str, coll: str) -> CollectionInfo | None:
+        return self.catalog.get(db, {}).get(coll)
+
+    def mm(self, db: str, coll: str) -> Any:
+        return self._mm[db][coll]
+
+    def create_collection(
+        self, db: str, coll: str, options: Mapping[str, Any] | None = None, *, implicit: bool
+    ) -> CollectionInfo:
+        validate_database_name(db)
+        validate_collection_name(coll)
+        if (db, coll) == OPLOG_NS:
+            raise CommandError(48, "Collection local.oplog.rs already exists.")
+        existing = self.info(db, coll)
+        if existing is not None:
+            if implicit:
+                return existing
+            raise CommandError(48, f"Collection {db}.{coll} already exists.")
+        info = CollectionInfo(
+            Binary(uuid.uuid4().bytes, 4), {k: v for k, v in (options or {}).items()}
+        )
+        self.catalog.setdefault(db, {})[coll] = info
+        self._mm[db]._store.create_collection(coll)
+        o: Document = {"create": coll}
+        o.update(info.options)
+        o["idIndex"] = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
+        self._log_command(db, o, info.uuid)
+        return info
+
+    def drop_collection(self, db: str, coll: str) -> bool:
+        info = self.catalog.get(db, {}).pop(coll, None)
+        if info is None:
+            return False
+        self._mm[db].drop_collection(coll)
+        self._log_command(db, {"drop": coll}, info.uuid)
+        return True
+
+    def drop_database(self, db: str) -> None:
+        for coll in list(self.catalog.get(db, {})):
+            self.drop_collection(db, coll)
+        self.catalog.pop(db, None)
+        self._mm.drop_database(db)
+        self._log_command(db, {"dropDatabase": 1}, None)
+
+    def create_index(self, db: str, coll: str, spec: Mapping[str, Any]) -> bool:
+        """Create one index; False if an identical one exists already."""
+        info = self.create_collection(db, coll, implicit=True)
+        key = spec.get("key")
+        name = spec.get("name")
+        if not isinstance(key, Mapping) or not key:
+            raise CommandError(9, "Error in specification: 'key' must be a non-empty object")
+        if not isinstance(name, str) or not name:
+            raise CommandError(9, "Error in specification: 'name' must be a non-empty string")
+        options = {k: v for k, v in spec.items() if k not in ("key", "name", "v")}
+        existing = self._mm[db][coll].index_information()
+        for ename, einfo in existing.items():
+            same_key = list(einfo["key"]) == list(key.items())
+            if ename == name or same_key:
+                wanted = {"key": list(key.items()), **options}
+                have = {k: v for k, v in einfo.items() if k not in ("v", "ns")}
+                if ename == name and same_key and _norm_index(have) == _norm_index(wanted):
+                    return False
+                if ename == name:
+                    raise CommandError(
+                        86, f"An existing index has the same name as the requested index: {name}"
+                    )
+                raise CommandError(
+                    85,
+                    f"An equivalent index already exists with a different name and options:"
+                    f" {ename}",
+                )
+        kwargs = {k: v for k, v in options.items() if k in _MM_INDEX_OPTIONS}
+        self._mm[db][coll].create_index(list(key.items()), name=name, **kwargs)
+        extra = {k: v for k, v in options.items() if k not in _MM_INDEX_OPTIONS}
+        if extra:
+            self._index_extra.setdefault((db, coll, name), {}).update(extra)
+        self._log_command(db, {"createIndexes": coll, "v": 2, "key": dict(key), "name": name,
+                               **options}, info.uuid)
+        return True
+
+    def list_indexes(self, db: str, coll: str) -> list[Document]:
+        if self.info(db, coll) is None:
+            raise CommandError(26, f"ns does not exist: {db}.{coll}")
+        out = []
+        for ix in self._mm[db][coll].list_indexes():
+            doc: Document = {"v": 2, "key": ix["key"], "name": ix["name"]}
+            for k, v in ix.items():
+                if k not in ("v", "key", "name", "ns"):
+                    doc[k] = v
+            doc.update(self._index_extra.get((db, coll, ix["name"]), {}))
+            out.append(doc)
+        return out
+
+    def drop_indexes(self, db: str, coll: str, which: Any) -> int:
+        if self.info(db, coll) is None:
+            raise CommandError(26, f"ns not found {db}.{coll}")
+        mmc = self._mm[db][coll]
+        before = len(mmc.index_information())
+        if which == "*":
+            names = [n for n in mmc.index_information() if n != "_id_"]
+        elif isinstance(which, str):
+            names = [which]
+        elif isinstance(which, list):
+            names = list(which)
+        elif isinstance(which, Mapping):
+            key = list(which.items())
+            names = [n for n, i in mmc.index_information().items() if list(i["key"]) == key]
+            if not names:
+                raise CommandError(27, f"can't find index with key: {dict(which)}")
+        else:
+            raise CommandError(14, "dropIndexes 'index' must be a string, list or object")
+        for name in names:
+            if name == "_id_":
+                raise CommandError(72, "cannot drop _id index")
+            if name not in mmc.index_information():
+                raise CommandError(27, f"index not found with name [{name}]")
+        info = self.info(db, coll)
+        for name in names:
+            mmc.drop_index(name)
+            self._index_extra.pop((db, coll, name), None)
+            self._log_command(db, {"dropIndexes": coll, "index": name}, info.uuid if info else None)
+        return before
+
+    def ttl_indexes(self) -> Iterator[tuple[str, str, str, float]]:
+        for db, colls in self.catalog.items():
+            for coll in colls:
+                for name, ix in self._mm[db][coll].index_information().items():
+                    after = ix.get("expireAfterSeconds")
+                    key = ix.get("key") or []
+                    if after is not None and len(key) == 1:
+                        yield db, coll, key[0][0], float(after)
+
+    def expire_ttl(self) -> int:
+        """One pass of the TTL monitor: delete expired documents as MongoDB would."""
+        now = self.now()
+        removed = 0
+        for db, coll, field_name, after in list(self.ttl_indexes()):
+            cutoff = now - dt.timedelta(seconds=after)
+            documents = self._mm[db][coll]._store._documents
+            expired = []
+            for doc in list(documents.values()):
+                value = mm_helpers.get_value_by_dot(doc, field_name)
+                dates = value if isinstance(value, list) else [value]
+                dates = [d for d in dates if isinstance(d, dt.datetime)]
+                if dates and min(_naive(d) for d in dates) < cutoff:
+                    expired.append(doc["_id"])
+            for _id in expired:
+                removed += self.delete(db, coll, {"_id": _id}, multi=False).deleted
+        return removed
+
+    # -- writes ----------------------------------------------------------------------
+    def insert(self, db: str, coll: str, doc: Document) -> Any:
+        if (db, coll) == OPLOG_NS:
+            raise CommandError(20, "cannot insert into the oplog")
+        self.create_collection(db, coll, implicit=True)
+        if "_id" not in doc:
+            from bson import ObjectId
+
+            doc = {"_id": ObjectId(), **doc}
+        mmc = self._mm[db][coll]
+        with self._capturing(mmc) as cap:
+            mmc.insert_one(doc)
+        self._record(db, coll, cap, replacement=False)
+        self.opcounters["insert"] += 1
+        self._enforce_capped(db, coll)
+        return doc["_id"]
+
+    def update(
+        self,
+        db: str,
+        coll: str,
+        filter: Document,
+        update: Any,
+        *,
+        multi: bool,
+        upsert: bool,
+        array_filters: list[Document] | None = None,
+    ) -> WriteOutcome:
+        if (db, coll) == OPLOG_NS:
+            raise CommandError(20, "cannot update the oplog")
+        replacement = isinstance(update, Mapping) and not any(
+            str(k).startswith("$") for k in update
+        )
+        if isinstance(update, list):
+            raise CommandError(
+                115, "the MongoDB emulator does not support pipeline-style updates"
+            )
+        if replacement and multi:
+            raise CommandError(9, "multi update is not supported for replacement-style update")
+        if not replacement and isinstance(update, Mapping) and not update:
+            raise CommandError(9, "Update document requires atomic operators")
+        self.opcounters["update"] += 1
+        if self.info(db, coll) is None:
+            if not upsert:
+                return WriteOutcome()
+            self.create_collection(db, coll, implicit=True)
+        mmc = self._mm[db][coll]
+        with self._capturing(mmc) as cap:
+            result = mmc._update(
+                filter, update, upsert=upsert, multi=multi, array_filters=array_filters
+            )
+        self._record(db, coll, cap, replacement=replacement)
+        out = WriteOutcome(matched=0 if result.get("upserted") is not None else result["n"],
+                           modified=result.get("nModified", 0))
+        if result.get("upserted") is not None:
+            out.upserted_id = result["upserted"]
+        return out
+
+    def delete(self, db: str, coll: str, filter: Document, *, multi: bool) -> WriteOutcome:
+        if (db, coll) == OPLOG_NS:
+            raise CommandError(20, "cannot delete from the oplog")
+        self.opcounters["delete"] += 1
+        if self.info(db, coll) is None:
+            return WriteOutcome()
+        mmc = self._mm[db][coll]
+        with self._capturing(mmc) as cap:
+            result = mmc._delete(filter, multi=multi)
+        self._record(db, coll, cap, replacement=False)
+        return WriteOutcome(deleted=result["n"])
+
+    def find_and_modify(
+        self,
+        db: str,
+        coll: str,
+        *,
+        query: Document,
+        sort: list[tuple[str, Any]] | None,
+        remove: bool,
+        update: Any,
+        new: bool,
+        fields: Document | None,
+        upsert: bool,
+        array_filters: list[Document] | None,
+    ) -> tuple[Document | None, Document]:
+        """Returns (value, lastErrorObject)."""
+        from pymongo import ReturnDocument
+
+        self.opcounters["command"] += 0  # counted by the command layer
+        if self.info(db, coll) is None:
+            if remove or not upsert:
+                return None, {"n": 0, "updatedExisting": False} if not remove else {"n": 0}
+            self.create_collection(db, coll, implicit=True)
+        mmc = self._mm[db][coll]
+        replacement = isinstance(update, Mapping) and not any(
+            str(k).startswith("$") for k in update
+        )
+        if isinstance(update, list):
+            raise CommandError(115, "the MongoDB emulator does not support pipeline updates")
+        with self._capturing(mmc) as cap:
+            if remove:
+                value = mmc.find_one_and_delete(query, projection=fields, sort=sort)
+            elif replacement:
+                value = mmc.find_one_and_replace(
+                    query, update, projection=fields, sort=sort, upsert=upsert,
+                    return_document=ReturnDocument.AFTER if new else ReturnDocument.BEFORE,
+                )
+            else:
+                value = mmc.find_one_and_update(
+                    query, update, projection=fields, sort=sort, upsert=upsert,
+                    return_document=ReturnDocument.AFTER if new else ReturnDocument.BEFORE,
+                    array_filters=array_filters,
+                )
+        events = self._record(db, coll, cap, replacement=replacement)
+        if remove:
+            return value, {"n": 1 if value is not None else 0}
+        inserted = [k for k, kind in events if kind == "i"]
+        last: Document = {"n": 1 if (value is not None or inserted) else 0,
+                          "updatedExisting": bool(cap.before) and not inserted}
+        if inserted:
+            last["upserted"] = inserted[0]
+            last["updatedExisting"] = False
+            last["n"] = 1
+        elif not cap.before:
+            last["n"] = 0
+        return value, last
+
+    # -- reads -----------------------------------------------------------------------
+    def find(
+        self,
+        db: str,
+        coll: str,
+        filter: Document,
+        *,
+        projection: Document | None = None,
+        sort: list[tuple[str, Any]] | None = None,
+        skip: int = 0,
+        limit: int = 0,
+    ) -> list[Document]:
+        if self.info(db, coll) is None:
+            filter_applies(filter, {})
+            return []
+        sort = [(k, v) for k, v in (sort or []) if k != "$natural"] or None
+        cursor = self._mm[db][coll].find(
+            filter, projection, sort=sort, skip=skip, limit=abs(limit)
+        )
+        return list(cursor)
+
+    def get_document(self, db: str, coll: str, _id: Any) -> Document | None:
+        if self.info(db, coll) is None:
+            return None
+        doc = self._mm[db][coll]._store._documents.get(_store_key(_id))
+        return copy.deepcopy(doc) if doc is not None else None
+
+    def aggregate(self, db: str, coll: str, pipeline: list[Document]) -> list[Document]:
+        for stage in pipeline:
+            if "$out" in stage or "$merge" in stage:
+                raise CommandError(115, "the MongoDB emulator does not support $out / $merge")
+        if self.info(db, coll) is None:
+            docs: list[Document] = []
+        else:
+            docs = [copy.deepcopy(d) for d in self._mm[db][coll]._store._documents.values()]
+        return list(mm_aggregate_process(docs, self._mm[db], pipeline))
+
+    def apply_pipeline(self, db: str, docs: list[Document], pipeline: list[Document]) -> list[Any]:
+        return list(mm_aggregate_process(docs, self._mm[db], pipeline))
+
+    def count(self, db: str, coll: str) -> int:
+        if self.info(db, coll) is None:
+            return 0
+        return len(self._mm[db][coll]._store._documents)
+
+    # -- snapshot --------------------------------------------------------------------
+    def dump(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"catalog": {}, "oplog": self.oplog.dump(),
+                                "clock": self.clock.last, "index_extra": dict(self._index_extra)}
+        for db, colls in self.catalog.items():
+            for coll, info in colls.items():
+                mmc = self._mm[db][coll]
+                indexes = [ix for ix in mmc.list_indexes() if ix["name"] != "_id_"]
+                data["catalog"][(db, coll)] = {
+                    "uuid": info.uuid,
+                    "options": info.options,
+                    "indexes": indexes,
+                    "documents": list(mmc._store._documents.values()),
+                }
+        return data
+
+    def load(self, data: Mapping[str, Any]) -> None:
+        for (db, coll), c in data["catalog"].items():
+            self.catalog.setdefault(db, {})[coll] = CollectionInfo(c["uuid"], c["options"])
+            self._mm[db]._store.create_collection(coll)
+            mmc = self._mm[db][coll]
+            for ix in c["indexes"]:
+                kwargs = {k: v for k, v in ix.items() if k in _MM_INDEX_OPTIONS}
+                mmc.create_index(list(ix["key"].items()), name=ix["name"], **kwargs)
+            for doc in c["documents"]:
+                mmc._store._documents[_store_key(doc["_id"])] = doc
+        self._index_extra.update(data.get("index_extra", {}))
+        self.oplog.load(data["oplog"])
+        self.clock.last = max(self.clock.last, data["clock"])
+
+    # -- internals -------------------------------------------------------------------
+    class _CaptureScope:
+        def __init__(self, cap: _Capture) -> None:
+            self.cap = cap
+
+        def __enter__(self) -> _Capture:
+            global _active_capture
+            _active_capture = self.cap
+            return self.cap
+
+        def __exit__(self, *exc: object) -> None:
+            global _active_capture
+            _active_capture = None
+
+    def _capturing(self, mmc: Any) -> Storage._CaptureScope:
+        return Storage._CaptureScope(_Capture(mmc._store._documents))
+
+    def _record(
+        self, db: str, coll: str, cap: _Capture, *, replacement: bool
+    ) -> list[tuple[Any, str]]:
+        """Turn a capture into oplog entries, in the order documents were touched."""
+        info = self.catalog[db][coll]
+        documents = cap.documents
+        done: list[tuple[Any, str]] = []
+        for key, before in cap.before.items():
+            after = documents.get(key)
+            if before is _MISSING and after is None:
+                continue
+            ns = f"{db}.{coll}"
+            images = info.images_enabled
+            if before is _MISSING:
+                entry: Document = {"op": "i", "ns": ns, "ui": info.uuid,
+                                   "o": copy.deepcopy(after), "o2": {"_id": after["_id"]}}
+                kind = "i"
+            elif after is None:
+                entry = {"op": "d", "ns": ns, "ui": info.uuid, "o": {"_id": before["_id"]}}
+                kind = "d"
+            else:
+                diff = compute_v2_diff(before, after)
+                if diff is None:
+                    continue
+                o = copy.deepcopy(after) if replacement else {"$v": 2, "diff": diff}
+                entry = {"op": "u", "ns": ns, "ui": info.uuid, "o": o,
+                         "o2": {"_id": after["_id"]}}
+                kind = "u"
+            self._append(
+                entry,
+                pre=copy.deepcopy(before) if images and before is not _MISSING else None,
+                post=copy.deepcopy(after) if images and after is not None else None,
+            )
+            done.append((after["_id"] if after is not None else before["_id"], kind))
+        return done
+
+    def _log_command(self, db: str, o: Document, ui: Binary | None) -> None:
+        entry: Document = {"op": "c", "ns": f"{db}.$cmd"}
+        if ui is not None:
+            entry["ui"] = ui
+        entry["o"] = o
+        self._append(entry)
+
+    def noop(self, msg: str = "periodic noop") -> None:
+        self._append({"op": "n", "ns": "", "o": {"msg": msg}})
+
+    def _append(self, entry: Document, pre: Any = None, post: Any = None) -> None:
+        ts = self.clock.tick()
+        entry["ts"] = ts
+        entry["t"] = 1
+        entry["v"] = 2
+        entry["wall"] = self.now()
+        self.oplog.append(ts, entry, pre, post)
+        self.changed.notify_all()
+
+    def _enforce_capped(self, db: str, coll: str) -> None:
+        info = self.info(db, coll)
+        if info is None or not info.options.get("capped"):
+            return
+        cap_max = info.options.get("max")
+        if not isinstance(cap_max, int) or cap_max <= 0:
+            return
+        documents = self._mm[db][coll]._store._documents
+        while len(documents) > cap_max:
+            first = next(iter(documents.values()))
+            self.delete(db, coll, {"_id": first["_id"]}, multi=False)
+
+
+_MM_INDEX_OPTIONS = frozenset({"unique", "sparse", "expireAfterSeconds", "partialFilterExpression"})
+_OPLOG_UUID = Binary(uuid.UUID("00000000-0000-4000-8000-00000000000f").bytes, 4)
+
+
+def _norm_index(spec: Mapping[str, Any]) -> Document:
+    out = dict(spec)
+    out["key"] = [tuple(k) for k in out["key"]]
+    for flag in ("unique", "sparse"):
+        if not out.get(flag):
+            out.pop(flag, None)
+    return out
+
+
+def _naive(d: dt.datetime) -> dt.datetime:
+    return d.astimezone(dt.UTC).replace(tzinfo=None) if d.tzinfo else d
+
+
+def mm_aggregate_process(docs: list[Document], database: Any, pipeline: list[Document]) -> Any:
+    from mongomock_ng import aggregate
+
+    return aggregate.process_pipeline(docs, database, pipeline, None)
+
+
+__all__ = ["Storage", "Oplog", "OplogRecord", "CollectionInfo", "WriteOutcome", "UuidRepresentation"]
