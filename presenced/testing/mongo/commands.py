@@ -713,7 +713,8 @@ def _get_more(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Doc
 
 @command("killCursors")
 def _kill_cursors(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Document:
-    killed, not_found = [], []
+    killed: list[Any] = []
+    not_found: list[Any] = []
     for cid in cmd.get("cursors") or []:
         (killed if ctx.cursors.remove(int(cid)) else not_found).append(cid)
     return {"cursorsKilled": killed, "cursorsNotFound": not_found, "cursorsAlive": [],
@@ -834,5 +835,14 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
-__all__ = ["Context", "ConnectionInfo", "FailPoint", "ServerIdentity", "run",
-           "cluster_time_fields", "command_name", "hello_reply", "Timestamp"]
+__all__ = [
+    "ConnectionInfo",
+    "Context",
+    "FailPoint",
+    "ServerIdentity",
+    "Timestamp",
+    "cluster_time_fields",
+    "command_name",
+    "hello_reply",
+    "run",
+]

@@ -169,7 +169,7 @@ class MongoServer:
                 out = self._handle(request, conn)
                 if out is _CLOSE:
                     return
-                if out is not None:
+                if isinstance(out, bytes):
                     sock.sendall(out)
         except wire.ProtocolError as exc:
             print(f"mongo emulator: closing connection {conn.id}: {exc}", file=sys.stderr)
@@ -187,6 +187,7 @@ class MongoServer:
         if request.op_code == wire.OP_QUERY:
             db = (request.legacy_namespace or "admin").partition(".")[0]
             name = next(iter(cmd), "")
+            reply: dict[str, Any] | object
             if name.lower() not in ("ismaster", "hello"):
                 reply = CommandError(
                     352,
@@ -199,11 +200,11 @@ class MongoServer:
                     return _CLOSE
             assert isinstance(reply, dict)
             return wire.encode_op_reply(next(self._request_ids), request.request_id, reply)
-        db = cmd.get("$db")
-        if not isinstance(db, str):
+        target = cmd.get("$db")
+        if not isinstance(target, str):
             reply = CommandError(40571, "OP_MSG requests require a $db argument").reply()
         else:
-            result = self._execute(db, cmd, conn)
+            result = self._execute(target, cmd, conn)
             if result is _CLOSE:
                 return _CLOSE
             assert isinstance(result, dict)
@@ -212,7 +213,9 @@ class MongoServer:
             return None
         return wire.encode_op_msg(next(self._request_ids), request.request_id, reply)
 
-    def _execute(self, db: str, raw: dict[str, Any], conn: ConnectionInfo) -> dict[str, Any] | object:
+    def _execute(
+        self, db: str, raw: dict[str, Any], conn: ConnectionInfo
+    ) -> dict[str, Any] | object:
         cmd = {k: v for k, v in raw.items() if k not in GENERIC_FIELDS}
         storage = self.storage
         try:

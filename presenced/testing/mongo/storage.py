@@ -302,7 +302,7 @@ class Storage:
         self.opcounters = dict.fromkeys(
             ("insert", "query", "update", "delete", "getmore", "command"), 0
         )
-        self._mm = mongomock_ng.MongoClient()
+        self._mm: Any = mongomock_ng.MongoClient()
         self._index_extra: dict[tuple[str, str, str], Document] = {}
 
     # -- time ------------------------------------------------------------------------
@@ -457,7 +457,7 @@ class Storage:
     def ttl_indexes(self) -> Iterator[tuple[str, str, str, float]]:
         for db, colls in self.catalog.items():
             for coll in colls:
-                for name, ix in self._mm[db][coll].index_information().items():
+                for ix in self._mm[db][coll].index_information().values():
                     after = ix.get("expireAfterSeconds")
                     key = ix.get("key") or []
                     if after is not None and len(key) == 1:
@@ -470,9 +470,9 @@ class Storage:
         for db, coll, field_name, after in list(self.ttl_indexes()):
             cutoff = now - dt.timedelta(seconds=after)
             documents = self._mm[db][coll]._store._documents
-            expired = []
+            expired: list[Any] = []
             for doc in list(documents.values()):
-                value = mm_helpers.get_value_by_dot(doc, field_name)
+                value: Any = mm_helpers.get_value_by_dot(doc, field_name)
                 dates = value if isinstance(value, list) else [value]
                 dates = [d for d in dates if isinstance(d, dt.datetime)]
                 if dates and min(_naive(d) for d in dates) < cutoff:
@@ -527,7 +527,7 @@ class Storage:
             if not upsert:
                 return WriteOutcome()
             self.create_collection(db, coll, implicit=True)
-        mmc = self._mm[db][coll]
+        mmc: Any = self._mm[db][coll]
         with self._capturing(mmc) as cap:
             result = mmc._update(
                 filter, update, upsert=upsert, multi=multi, array_filters=array_filters
@@ -545,7 +545,7 @@ class Storage:
         self.opcounters["delete"] += 1
         if self.info(db, coll) is None:
             return WriteOutcome()
-        mmc = self._mm[db][coll]
+        mmc: Any = self._mm[db][coll]
         with self._capturing(mmc) as cap:
             result = mmc._delete(filter, multi=multi)
         self._record(db, coll, cap, replacement=False)
@@ -631,7 +631,7 @@ class Storage:
     def get_document(self, db: str, coll: str, _id: Any) -> Document | None:
         if self.info(db, coll) is None:
             return None
-        doc = self._mm[db][coll]._store._documents.get(_store_key(_id))
+        doc: Any = self._mm[db][coll]._store._documents.get(_store_key(_id))
         return copy.deepcopy(doc) if doc is not None else None
 
     def aggregate(self, db: str, coll: str, pipeline: list[Document]) -> list[Document]:
@@ -641,7 +641,8 @@ class Storage:
         if self.info(db, coll) is None:
             docs: list[Document] = []
         else:
-            docs = [copy.deepcopy(d) for d in self._mm[db][coll]._store._documents.values()]
+            store: Any = self._mm[db][coll]._store
+            docs = [copy.deepcopy(d) for d in store._documents.values()]
         return list(mm_aggregate_process(docs, self._mm[db], pipeline))
 
     def apply_pipeline(self, db: str, docs: list[Document], pipeline: list[Document]) -> list[Any]:
@@ -704,7 +705,7 @@ class Storage:
     ) -> list[tuple[Any, str]]:
         """Turn a capture into oplog entries, in the order documents were touched."""
         info = self.catalog[db][coll]
-        documents = cap.documents
+        documents: Any = cap.documents
         done: list[tuple[Any, str]] = []
         for key, before in cap.before.items():
             after = documents.get(key)
@@ -761,9 +762,9 @@ class Storage:
         cap_max = info.options.get("max")
         if not isinstance(cap_max, int) or cap_max <= 0:
             return
-        documents = self._mm[db][coll]._store._documents
+        documents: Any = self._mm[db][coll]._store._documents
         while len(documents) > cap_max:
-            first = next(iter(documents.values()))
+            first: Any = next(iter(documents.values()))
             self.delete(db, coll, {"_id": first["_id"]}, multi=False)
 
 
@@ -790,4 +791,6 @@ def mm_aggregate_process(docs: list[Document], database: Any, pipeline: list[Doc
     return aggregate.process_pipeline(docs, database, pipeline, None)
 
 
-__all__ = ["Storage", "Oplog", "OplogRecord", "CollectionInfo", "WriteOutcome", "UuidRepresentation"]
+__all__ = [
+    "CollectionInfo", "Oplog", "OplogRecord", "Storage", "UuidRepresentation", "WriteOutcome",
+]
