@@ -1,0 +1,314 @@
+"""The presence core: derives a user's ``status`` / ``statusConnection`` from their connections.
+
+This module owns the rules of the Rocket.Chat presence contract ("Derivation" and "Dead
+instances" in the design notes): which connections count, how their statuses fold into one, how
+``statusDefault`` and ``active`` apply, when the answer changes by itself, which connections
+the reaper may remove, and the tolerant decoding of the raw documents these rules read.
+
+It must never do I/O or read the clock: no trio, pymongo, bson or loguru here. Time is
+passed in as integer milliseconds since the Unix epoch (``now_ms``, ``ttl_ms``; BSON dates
+have millisecond precision), so every function is pure and tested without a database.
+Malformed input is never an exception: it is skipped and named by a short reason string
+that the caller counts in a metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from types import MappingProxyType
+
+
+class Status(StrEnum):
+    """A presence status as Rocket.Chat stores it; ``wire`` is its number on the wire."""
+
+    ONLINE = "online"
+    AWAY = "away"
+    BUSY = "busy"
+    OFFLINE = "offline"
+
+    @property
+    def wire(self) -> int:
+        return _WIRE[self]
+
+
+_WIRE = {Status.OFFLINE: 0, Status.ONLINE: 1, Status.AWAY: 2, Status.BUSY: 3}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+_STATUS_VALUES = frozenset(status.value for status in Status)
+
+
+def to_ms(dt: datetime) -> int:
+    """Milliseconds since the epoch, floored (as BSON stores it); a naive datetime is UTC."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - _EPOCH) // _ONE_MS
+
+
+def from_ms(ms: int) -> datetime:
+    """The aware UTC datetime for ``ms`` milliseconds since the epoch (inverse of ``to_ms``)."""
+    return _EPOCH + ms * _ONE_MS
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """One entry of ``usersSessions.connections`` (one DDP connection of the user)."""
+
+    id: str
+    instance_id: str | None
+    status: Status
+    updated_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class UserState:
+    """What derivation reads from a ``users`` document, plus what is stored there now."""
+
+    active: bool = True
+    status_default: Status = Status.ONLINE
+    stored_status: Status | None = None
+    stored_status_connection: Status | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """The derived pair presenced writes to ``users``."""
+
+    status: Status
+    status_connection: Status
+
+
+OFFLINE_PRESENCE = Presence(Status.OFFLINE, Status.OFFLINE)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceLiveness:
+    """Which Rocket.Chat instances are known to be dead, from the ``instances`` collection.
+
+    ``updated_ms`` maps each instance id to its document's ``_updatedAt`` in ms, or to None
+    when the document exists but its ``_updatedAt`` is unreadable (then it never times out:
+    the connection TTL still applies). An instance is dead when ``now - updated > timeout``,
+    the same "strictly more than" as the connection TTL.
+    """
+
+    updated_ms: Mapping[str, int | None]
+    timeout_ms: int
+
+    def __post_init__(self) -> None:
+        # A read-only copy: the caller's dict cannot change a frozen snapshot behind its back.
+        object.__setattr__(self, "updated_ms", MappingProxyType(dict(self.updated_ms)))
+
+    def is_dead(self, instance_id: str | None, now_ms: int) -> bool:
+        """True if the instance is known to be dead at ``now_ms``.
+
+        A connection without an instance id is never dead by this rule, and an empty
+        ``instances`` collection means the deployment does not use it: nothing is dead.
+        """
+        if instance_id is None or not self.updated_ms:
+            return False
+        if instance_id not in self.updated_ms:
+            return True
+        updated = self.updated_ms[instance_id]
+        return updated is not None and now_ms - updated > self.timeout_ms
+
+    def next_change_ms(self, now_ms: int) -> int | None:
+        """The earliest instant after ``now_ms`` at which some instance times out, if any."""
+        instants = [
+            t for t in map(self.dies_at_ms, self.updated_ms) if t is not None and t > now_ms
+        ]
+        return min(instants, default=None)
+
+    def dies_at_ms(self, instance_id: str) -> int | None:
+        """The first millisecond a listed instance is dead by timeout (``updated + timeout + 1``).
+
+        None when the instance is not listed or its ``_updatedAt`` is unknown.
+        """
+        updated = self.updated_ms.get(instance_id)
+        return None if updated is None else updated + self.timeout_ms + 1
+
+
+NO_INSTANCES = InstanceLiveness({}, 0)
+"""No ``instances`` information (collection empty or unused): only the TTL applies."""
+
+
+def _parse_status(value: object) -> Status | None:
+    if isinstance(value, str) and value in _STATUS_VALUES:
+        return Status(value)
+    return None
+
+
+def parse_connections(raw: object) -> tuple[list[Connection], list[str]]:
+    """Decode a ``usersSessions.connections`` value as pymongo returns it.
+
+    Missing (None) means no connections. Entries keep their array order, duplicates
+    included. An entry that cannot be used is skipped, with one reason for it:
+    ``connection_not_a_document``, ``connection_missing_id``, ``connection_bad_status``,
+    ``connection_bad_updated_at``; a value that is not an array gives
+    ``connections_not_an_array``. An ``instanceId`` that is present but not a string is
+    read as absent (the connection is kept; it only answers to the TTL) and reported as
+    ``connection_bad_instance_id``.
+    """
+    if raw is None:
+        return [], []
+    if not isinstance(raw, list):
+        return [], ["connections_not_an_array"]
+    connections: list[Connection] = []
+    reasons: list[str] = []
+    for entry in raw:
+        if not isinstance(entry, Mapping):
+            reasons.append("connection_not_a_document")
+            continue
+        conn_id = entry.get("id")
+        status = _parse_status(entry.get("status"))
+        updated = entry.get("_updatedAt")
+        if not isinstance(conn_id, str):
+            reasons.append("connection_missing_id")
+        elif status is None:
+            reasons.append("connection_bad_status")
+        elif not isinstance(updated, datetime):
+            reasons.append("connection_bad_updated_at")
+        else:
+            instance_id = entry.get("instanceId")
+            if instance_id is not None and not isinstance(instance_id, str):
+                reasons.append("connection_bad_instance_id")
+                instance_id = None
+            connections.append(Connection(conn_id, instance_id, status, to_ms(updated)))
+    return connections, reasons
+
+
+def parse_user(raw: Mapping[str, object]) -> tuple[UserState, list[str]]:
+    """Decode the presence fields of a ``users`` document.
+
+    ``active`` missing means active; only ``False`` deactivates (anything else is
+    ``user_bad_active``). ``statusDefault`` missing or null means online; an unknown value
+    is read as online and reported as ``user_bad_status_default``. The stored ``status`` /
+    ``statusConnection`` are None when missing or unknown (unknown is reported as
+    ``user_bad_status`` / ``user_bad_status_connection``), so that a write replaces them.
+    """
+    reasons: list[str] = []
+    active = raw.get("active", True)
+    if not isinstance(active, bool):
+        reasons.append("user_bad_active")
+        active = True
+
+    def status_field(name: str, reason: str) -> Status | None:
+        value = raw.get(name)
+        status = _parse_status(value)
+        if value is not None and status is None:
+            reasons.append(reason)
+        return status
+
+    status_default = status_field("statusDefault", "user_bad_status_default") or Status.ONLINE
+    stored_status = status_field("status", "user_bad_status")
+    stored_status_connection = status_field("statusConnection", "user_bad_status_connection")
+    return UserState(active, status_default, stored_status, stored_status_connection), reasons
+
+
+def parse_instances(docs: Iterable[object]) -> tuple[dict[str, int | None], list[str]]:
+    """Decode ``instances`` documents into the id -> ``_updatedAt`` map of ``InstanceLiveness``.
+
+    A document that is not a mapping, or has no string ``_id``, is skipped
+    (``instance_not_a_document``, ``instance_missing_id``). One whose ``_updatedAt`` is not
+    a date is kept with None, reported as ``instance_bad_updated_at``: the instance exists,
+    so its connections are not dead by absence, and the connection TTL still applies.
+    """
+    updated_ms: dict[str, int | None] = {}
+    reasons: list[str] = []
+    for doc in docs:
+        if not isinstance(doc, Mapping):
+            reasons.append("instance_not_a_document")
+            continue
+        instance_id = doc.get("_id")
+        updated = doc.get("_updatedAt")
+        if not isinstance(instance_id, str):
+            reasons.append("instance_missing_id")
+        elif isinstance(updated, datetime):
+            updated_ms[instance_id] = to_ms(updated)
+        else:
+            reasons.append("instance_bad_updated_at")
+            updated_ms[instance_id] = None
+    return updated_ms, reasons
+
+
+def counts(conn: Connection, now_ms: int, ttl_ms: int, liveness: InstanceLiveness) -> bool:
+    """Rule 1: fresh (at most ``ttl_ms`` old, inclusive) and not on a dead instance."""
+    return now_ms - conn.updated_ms <= ttl_ms and not liveness.is_dead(conn.instance_id, now_ms)
+
+
+def derive(
+    user: UserState,
+    connections: Iterable[Connection],
+    now_ms: int,
+    ttl_ms: int,
+    liveness: InstanceLiveness,
+) -> Presence:
+    """Rules 1-5: the user's ``status`` and ``statusConnection`` at ``now_ms``.
+
+    The fold is Rocket.Chat's ``processConnectionStatus`` over the counted connections in
+    array order, from offline: an online accumulator stays online, otherwise any non-offline
+    status replaces it. So online wins, and without online the *last* non-offline counted
+    connection wins (``[busy, away]`` gives away, as in every Rocket.Chat release).
+    """
+    if not user.active:
+        return OFFLINE_PRESENCE
+    status_connection = Status.OFFLINE
+    for conn in connections:
+        if status_connection == Status.ONLINE:
+            break
+        if conn.status != Status.OFFLINE and counts(conn, now_ms, ttl_ms, liveness):
+            status_connection = conn.status
+    if status_connection == Status.OFFLINE:
+        return OFFLINE_PRESENCE
+    if user.status_default == Status.ONLINE:
+        return Presence(status_connection, status_connection)
+    return Presence(user.status_default, status_connection)
+
+
+def next_change_ms(
+    connections: Iterable[Connection],
+    now_ms: int,
+    ttl_ms: int,
+    liveness: InstanceLiveness,
+) -> int | None:
+    """The earliest instant after ``now_ms`` at which ``derive`` can change with no new data.
+
+    That is the first millisecond a counted connection stops counting: it goes stale at
+    ``updated_ms + ttl_ms + 1`` or its instance times out. None when nothing counts. A
+    connection that does not count never counts again by itself, so nothing else matters.
+    """
+    instants: list[int] = []
+    for conn in connections:
+        if not counts(conn, now_ms, ttl_ms, liveness):
+            continue
+        instants.append(conn.updated_ms + ttl_ms + 1)
+        if conn.instance_id is not None:
+            dies_at = liveness.dies_at_ms(conn.instance_id)
+            if dies_at is not None:
+                instants.append(dies_at)
+    return min(instants, default=None)
+
+
+def reapable(
+    connections: Iterable[Connection],
+    now_ms: int,
+    ttl_ms: int,
+    liveness: InstanceLiveness,
+) -> list[Connection]:
+    """The connections that no longer count (stale or on a dead instance), in array order.
+
+    These are what the reaper may remove with its guarded ``$pull``.
+    """
+    return [conn for conn in connections if not counts(conn, now_ms, ttl_ms, liveness)]
+
+
+def needs_write(
+    stored_status: str | None,
+    stored_status_connection: str | None,
+    presence: Presence,
+) -> bool:
+    """True only if the stored ``status`` or ``statusConnection`` differs from ``presence``."""
+    return (
+        stored_status != presence.status or stored_status_connection != presence.status_connection
+    )
