@@ -47,6 +47,8 @@ class ServerIdentity:
     port: int
     replica_set: str
     started: float = field(default_factory=time.time)
+    #: topologyVersion.processId: new at every start, as a restarted mongod's is.
+    process_id: ObjectId = field(default_factory=ObjectId)
 
     @property
     def address(self) -> str:
@@ -254,6 +256,7 @@ def hello_reply(ctx: Context, conn: ConnectionInfo, legacy: bool, cmd: Document)
     if cmd.get("helloOk"):
         reply["helloOk"] = True
     reply["ismaster" if legacy else "isWritablePrimary"] = True
+    reply["topologyVersion"] = {"processId": ident.process_id, "counter": Int64(0)}
     reply.update(
         {
             "hosts": [ident.address],
@@ -668,15 +671,12 @@ def _find(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Documen
     await_data = bool(cmd.get("awaitData", False))
     storage = ctx.storage
     if (db, coll) == OPLOG_NS:
-        reverse = bool(sort and sort[0][0] == "$natural" and sort[0][1] < 0)
-        if sort and any(k != "$natural" for k, _ in sort):
-            raise CommandError(115, "the emulator sorts local.oplog.rs only by $natural")
+        if tailable and sort and sort != [("$natural", 1)]:
+            raise CommandError(2, "cannot use tailable option with a sort other than {$natural: 1}")
         cursor: Cursor = OplogCursor(
-            storage, dict(flt), tailable=tailable, await_data=await_data, reverse=reverse,
+            storage, dict(flt), tailable=tailable, await_data=await_data, sort=sort,
             projection=projection, skip=skip, limit=limit,
         )
-        if tailable and sort:
-            raise CommandError(2, "cannot use tailable option with a sort other than {$natural: 1}")
         return _start_cursor(ctx, cursor, batch_size if batch_size else None, single)
     if tailable:
         info = storage.info(db, coll)

@@ -22,7 +22,12 @@ from mongomock_ng.filtering import filter_applies
 
 from presenced.testing.mongo.diff import update_description
 from presenced.testing.mongo.errors import CommandError
-from presenced.testing.mongo.storage import SYSTEM_DATABASES, OplogRecord, Storage
+from presenced.testing.mongo.storage import (
+    SYSTEM_DATABASES,
+    OplogRecord,
+    Storage,
+    sort_documents,
+)
 
 Document = dict[str, Any]
 MAX_BATCH_BYTES = 16 * 1024 * 1024
@@ -135,14 +140,15 @@ class OplogCursor(Cursor):
 
     def __init__(
         self, storage: Storage, filter: Document, *, tailable: bool, await_data: bool,
-        reverse: bool, projection: Document | None, skip: int, limit: int,
+        sort: list[tuple[str, Any]] | None, projection: Document | None, skip: int,
+        limit: int,
     ) -> None:
         super().__init__("local.oplog.rs")
         self.filter = filter
         self.tailable = tailable
         self.await_data = await_data
         self.projection = projection
-        self.reverse = reverse
+        self.sort = sort
         self.skip = skip
         self.remaining = limit if limit > 0 else None
         self.next_seq = storage.oplog.first_seq
@@ -182,8 +188,8 @@ class OplogCursor(Cursor):
         if not self.tailable:
             entries = [r.entry for r in storage.oplog.records_from(self.next_seq)
                        if filter_applies(self.filter, r.entry)]
-            if self.reverse:
-                entries.reverse()
+            if self.sort:
+                entries = sort_documents(entries, self.sort)
             entries = entries[self.skip:]
             if self.remaining is not None:
                 entries = entries[: self.remaining]

@@ -149,19 +149,23 @@ def _bson_equal(a: Any, b: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def compute_v2_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:
+def compute_v2_diff(
+    old: Mapping[str, Any], new: Mapping[str, Any], *, pipeline: bool = False
+) -> dict[str, Any] | None:
     """The ``diff`` of an oplog entry ``{"$v": 2, "diff": ...}`` taking ``old`` to ``new``.
 
     Returns None when the two documents are the same BSON document (MongoDB writes no oplog
     entry for a no-op update). See the module docstring for the shapes produced.
+    ``pipeline=True`` diffs as MongoDB's document_diff_calculator does for pipeline-style
+    updates: a shorter array is logged as a resize (``l``) plus changed elements.
     """
-    result = _diff_document(old, new, allow_moves=True)
+    result = _diff_document(old, new, allow_moves=True, pipeline=pipeline)
     assert not isinstance(result, _Replace)  # allow_moves=True never asks for a replacement
     return result
 
 
 def _diff_document(
-    old: Mapping[str, Any], new: Mapping[str, Any], *, allow_moves: bool
+    old: Mapping[str, Any], new: Mapping[str, Any], *, allow_moves: bool, pipeline: bool = False
 ) -> dict[str, Any] | _Replace | None:
     """Document sub-diff, or None if equal, or _REPLACE if field order cannot be reproduced.
 
@@ -189,7 +193,7 @@ def _diff_document(
     updates: dict[str, Any] = {}
     subdiffs: dict[str, Any] = {}
     for name in new_names[:in_place]:
-        change = _diff_value(old[name], new[name])
+        change = _diff_value(old[name], new[name], pipeline)
         if change is None:
             continue
         kind, payload = change
@@ -210,29 +214,34 @@ def _diff_document(
     return diff or None
 
 
-def _diff_value(old: Any, new: Any) -> tuple[str, Any] | None:
+def _diff_value(old: Any, new: Any, pipeline: bool = False) -> tuple[str, Any] | None:
     """How one changed value is logged: ("u", new value) or ("s", sub-diff); None if equal."""
     if _bson_equal(old, new):
         return None
     if _is_document(old) and _is_document(new):
-        sub = _diff_document(old, new, allow_moves=False)
+        sub = _diff_document(old, new, allow_moves=False, pipeline=pipeline)
         if isinstance(sub, _Replace):
             return UPDATE_SECTION, copy.deepcopy(new)
         assert sub is not None  # not equal, and order is reproducible: something is logged
         return SUBDIFF_PREFIX, sub
     if _is_array(old) and _is_array(new):
-        # $pull/$pullAll/$pop (shorter) and $push onto [] log the whole array.
+        # $pull/$pullAll/$pop (shorter) and $push onto [] log the whole array; a pipeline
+        # update logs a shorter array as a resize.
+        if pipeline and len(new) < len(old):
+            return SUBDIFF_PREFIX, _diff_array(old, new, pipeline)
         if len(new) < len(old) or not old:
             return UPDATE_SECTION, copy.deepcopy(new)
-        return SUBDIFF_PREFIX, _diff_array(old, new)
+        return SUBDIFF_PREFIX, _diff_array(old, new, pipeline)
     return UPDATE_SECTION, copy.deepcopy(new)
 
 
-def _diff_array(old: Sequence[Any], new: Sequence[Any]) -> dict[str, Any]:
-    """Array sub-diff for ``len(new) >= len(old)``: changed elements, then appended ones."""
+def _diff_array(old: Sequence[Any], new: Sequence[Any], pipeline: bool = False) -> dict[str, Any]:
+    """Array sub-diff: a resize when shorter, changed elements, then appended ones."""
     diff: dict[str, Any] = {ARRAY_HEADER: True}
+    if len(new) < len(old):
+        diff[RESIZE_FIELD] = len(new)
     for idx, (old_item, new_item) in enumerate(zip(old, new, strict=False)):
-        change = _diff_value(old_item, new_item)
+        change = _diff_value(old_item, new_item, pipeline)
         if change is not None:
             kind, payload = change
             diff[f"{kind}{idx}"] = payload

@@ -59,6 +59,7 @@ class MongoServer:
         self._conn_ids = itertools.count(1)
         self._total_created = 0
         self._request_ids = itertools.count(1)
+        self._retried: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> int:
@@ -220,6 +221,14 @@ class MongoServer:
         storage = self.storage
         try:
             name = commands.command_name(cmd)
+            if name in ("hello", "isMaster") and self._await_hello(cmd):
+                return _CLOSE
+            retry_key = self._retry_key(name, raw)
+            if retry_key is not None:
+                with storage.lock:
+                    done = self._retried.get(retry_key)
+                    if done is not None:
+                        return {**done, **commands.cluster_time_fields(storage)}
             if name != "configureFailPoint":
                 with storage.lock:
                     fired = self.fail_point.trigger(name, conn)
@@ -242,6 +251,8 @@ class MongoServer:
                         return reply
             with storage.lock:
                 reply = commands.run(self.context, conn, db, cmd)
+                if retry_key is not None:
+                    self._remember_retry(retry_key, reply)
                 reply.update(commands.cluster_time_fields(storage))
             return reply
         except CommandError as exc:
@@ -254,6 +265,39 @@ class MongoServer:
         with storage.lock:
             reply.update(commands.cluster_time_fields(storage))
         return reply
+
+
+    def _await_hello(self, cmd: dict[str, Any]) -> bool:
+        """Awaitable hello: hold the reply for maxAwaitTimeMS while the topology is unchanged
+        (it never changes here, short of a restart). True if the server is stopping."""
+        tv = cmd.get("topologyVersion")
+        wait_ms = cmd.get("maxAwaitTimeMS")
+        if not isinstance(tv, dict) or not isinstance(wait_ms, int | float):
+            return False
+        if tv.get("processId") != self.identity.process_id:
+            return False
+        return self._stopping.wait(max(0.0, float(wait_ms)) / 1000)
+
+    _RETRYABLE = frozenset({"insert", "update", "delete", "findAndModify"})
+    _RETRY_MEMORY = 10_000
+
+    def _retry_key(self, name: str, raw: dict[str, Any]) -> tuple[Any, ...] | None:
+        """Retryable writes: a repeated (lsid, txnNumber) returns the first reply."""
+        lsid = raw.get("lsid")
+        txn = raw.get("txnNumber")
+        if name not in self._RETRYABLE or not isinstance(lsid, dict) or txn is None:
+            return None
+        try:
+            return (bytes(lsid.get("id", b"")), int(txn), name)
+        except (TypeError, ValueError):
+            return None
+
+    def _remember_retry(self, key: tuple[Any, ...], reply: dict[str, Any]) -> None:
+        if reply.get("ok") != 1.0:
+            return
+        self._retried[key] = dict(reply)
+        while len(self._retried) > self._RETRY_MEMORY:
+            self._retried.pop(next(iter(self._retried)))
 
 
 _CLOSE = object()

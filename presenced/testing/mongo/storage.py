@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mongomock_ng
-from bson import Timestamp
+from bson import MaxKey, MinKey, Timestamp
 from bson.binary import Binary, UuidRepresentation
 from mongomock_ng import collection as mm_collection
 from mongomock_ng import database as mm_database
+from mongomock_ng import filtering as mm_filtering
 from mongomock_ng import helpers as mm_helpers
 from mongomock_ng import store as mm_store
 from mongomock_ng.filtering import filter_applies
@@ -132,6 +133,176 @@ class _Collection(mm_collection.Collection):  # type: ignore[misc]
                 yield doc
 
 
+    def _ensure_uniques(self, new_data: Document) -> None:
+        """Unique indexes with MongoDB's multikey semantics (mongomock's do not look
+        inside arrays of documents, so ``connections.id`` would always collide)."""
+        own_key = _store_key(new_data.get("_id"))
+        for name, index in self._store.indexes.items():
+            if not index.get("unique"):
+                continue
+            spec = index["key"]
+            partial = index.get("partialFilterExpression")
+            if partial is not None and not filter_applies(partial, new_data):
+                continue
+            new_keys = index_keys(new_data, spec, bool(index.get("sparse")))
+            if not new_keys:
+                continue
+            for doc in self._store._documents.values():
+                if _store_key(doc.get("_id")) == own_key:
+                    continue
+                if partial is not None and not filter_applies(partial, doc):
+                    continue
+                clash = new_keys & index_keys(doc, spec, bool(index.get("sparse")))
+                if clash:
+                    raise duplicate_key_error(self.full_name, name, spec, next(iter(clash)))
+
+
+def _filter_paths(filter: Any) -> set[str]:
+    paths: set[str] = set()
+    if isinstance(filter, Mapping):
+        for key, value in filter.items():
+            if key in ("$and", "$or", "$nor") and isinstance(value, list):
+                for sub in value:
+                    paths |= _filter_paths(sub)
+            elif not key.startswith("$"):
+                paths.add(key)
+    return paths
+
+
+def _check_positional(filter: Any, update: Mapping[str, Any]) -> None:
+    """MongoDB refuses ``a.$`` unless the query matched an element of ``a``."""
+    queried = _filter_paths(filter)
+    for fields in update.values():
+        if not isinstance(fields, Mapping):
+            continue
+        for path in fields:
+            parts = str(path).split(".")
+            if "$" not in parts:
+                continue
+            prefix = ".".join(parts[: parts.index("$")])
+            if not any(q == prefix or q.startswith(prefix + ".") for q in queried):
+                raise CommandError(
+                    2, "The positional operator did not find the match needed from the query."
+                )
+
+
+_NULL_KEY = ("null",)
+
+
+def _path_values(value: Any, parts: list[str]) -> list[Any]:
+    """Index values at a dotted path, expanding arrays as a multikey index does."""
+    if not parts:
+        if isinstance(value, list):
+            return list(value) if value else [_MISSING_ARRAY]
+        return [value]
+    head, rest = parts[0], parts[1:]
+    if isinstance(value, Mapping):
+        if head not in value:
+            return [None]
+        return _path_values(value[head], rest)
+    if isinstance(value, list):
+        if head.isdigit() and int(head) < len(value):
+            return _path_values(value[int(head)], rest)
+        out: list[Any] = []
+        for element in value:
+            if isinstance(element, Mapping | list):
+                out.extend(_path_values(element, parts))
+        return out or [None]
+    return [None]
+
+
+_MISSING_ARRAY: Any = ("emptyarray",)
+
+
+def _hashable(value: Any) -> Any:
+    if value is None:
+        return _NULL_KEY
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, Mapping):
+        return ("doc", tuple((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return ("arr", tuple(_hashable(v) for v in value))
+    try:
+        hash(value)
+    except TypeError:
+        return ("repr", repr(value))
+    return value
+
+
+def index_keys(doc: Mapping[str, Any], spec: list[tuple[str, Any]], sparse: bool) -> set[Any]:
+    """Every key a document contributes to an index ({} when a sparse index skips it)."""
+    per_field = []
+    all_missing = True
+    for path, _direction in spec:
+        values = _path_values(doc, path.split("."))
+        if any(v is not None for v in values) or mm_helpers.get_value_by_dot(
+            doc, path
+        ) is not mm_helpers.NOTHING:
+            all_missing = False
+        per_field.append({_hashable(v) for v in values})
+    if sparse and all_missing:
+        return set()
+    keys: set[Any] = {()}
+    for field_keys in per_field:
+        keys = {(*k, v) for k in keys for v in field_keys}
+    return keys
+
+
+def duplicate_key_error(ns: str, index_name: str, spec: list[tuple[str, Any]], key: Any) -> Any:
+    from pymongo.errors import DuplicateKeyError
+
+    def plain(v: Any) -> Any:
+        if v == _NULL_KEY:
+            return None
+        if isinstance(v, tuple) and len(v) == 2 and v[0] == "bool":
+            return v[1]
+        if isinstance(v, tuple) and len(v) == 2 and v[0] == "doc":
+            return {k: plain(x) for k, x in v[1]}
+        if isinstance(v, tuple) and len(v) == 2 and v[0] == "arr":
+            return [plain(x) for x in v[1]]
+        return v
+
+    key_value = {path: plain(v) for (path, _d), v in zip(spec, key, strict=True)}
+    shown = ", ".join(f"{k}: {v!r}" for k, v in key_value.items())
+    return DuplicateKeyError(
+        f"E11000 duplicate key error collection: {ns} index: {index_name} dup key: {{ {shown} }}",
+        11000,
+        {"keyPattern": {path: d for path, d in spec}, "keyValue": key_value},
+    )
+
+
+_mm_compare_type = mm_filtering._get_compare_type
+
+
+def _compare_type(value: Any) -> int:
+    """BSON comparison order for the types mongomock-ng does not rank (Timestamp is
+    between Date and RegEx; MinKey and MaxKey bound everything)."""
+    if isinstance(value, Timestamp):
+        return 47
+    if isinstance(value, MinKey):
+        return -1
+    if isinstance(value, MaxKey):
+        return 127
+    return int(_mm_compare_type(value))
+
+
+def sort_documents(docs: list[Document], sort: list[tuple[str, Any]]) -> list[Document]:
+    """Sort as MongoDB does (BSON order), for results mongomock does not sort for us."""
+    out = list(docs)
+    for key, direction in reversed(sort):
+        if key == "$natural":
+            if direction < 0:
+                out.reverse()
+            continue
+        def sort_key(doc: Document, path: str = key) -> Any:
+            return mm_filtering.resolve_sort_key(path, doc)
+
+        out.sort(key=sort_key, reverse=direction < 0)
+    return out
+
+
+mm_filtering._get_compare_type = _compare_type
 mm_store.CollectionStore = _CollectionStore
 mm_database.Collection = _Collection
 
@@ -317,9 +488,9 @@ class Storage:
 
     # -- catalog ---------------------------------------------------------------------
     def database_names(self) -> list[str]:
-        names = [db for db, colls in self.catalog.items() if colls]
-        if "local" not in names:
-            names.append("local")
+        names = {db for db, colls in self.catalog.items() if colls}
+        # A replica-set member always has admin (system.version) and local (the oplog).
+        names.update(("admin", "local"))
         return sorted(names)
 
     def collections(self, db: str) -> dict[str, CollectionInfo]:
@@ -346,7 +517,8 @@ class Storage:
             raise CommandError(48, "Collection local.oplog.rs already exists.")
         existing = self.info(db, coll)
         if existing is not None:
-            if implicit:
+            # MongoDB 7.0: an explicit create with the same options is a no-op.
+            if implicit or dict(existing.options) == dict(options or {}):
                 return existing
             raise CommandError(48, f"Collection {db}.{coll} already exists.")
         info = CollectionInfo(
@@ -402,14 +574,37 @@ class Storage:
                     f"An equivalent index already exists with a different name and options:"
                     f" {ename}",
                 )
-        kwargs = {k: v for k, v in options.items() if k in _MM_INDEX_OPTIONS}
-        self._mm[db][coll].create_index(list(key.items()), name=name, **kwargs)
+        self._install_index(db, coll, name, list(key.items()), options)
         extra = {k: v for k, v in options.items() if k not in _MM_INDEX_OPTIONS}
         if extra:
             self._index_extra.setdefault((db, coll, name), {}).update(extra)
         self._log_command(db, {"createIndexes": coll, "v": 2, "key": dict(key), "name": name,
                                **options}, info.uuid)
         return True
+
+    def _install_index(
+        self, db: str, coll: str, name: str, spec: list[tuple[str, Any]], options: Document
+    ) -> None:
+        config: Document = {"key": spec}
+        for flag in ("unique", "sparse"):
+            if options.get(flag):
+                config[flag] = True
+        for opt in ("expireAfterSeconds", "partialFilterExpression"):
+            if options.get(opt) is not None:
+                config[opt] = options[opt]
+        mmc: Any = self._mm[db][coll]
+        if config.get("unique"):
+            seen: dict[Any, Any] = {}
+            partial = config.get("partialFilterExpression")
+            for doc in mmc._store._documents.values():
+                if partial is not None and not filter_applies(partial, doc):
+                    continue
+                for k in index_keys(doc, spec, bool(config.get("sparse"))):
+                    if k in seen and seen[k] != _store_key(doc["_id"]):
+                        err = duplicate_key_error(f"{db}.{coll}", name, spec, k)
+                        raise CommandError(11000, str(err), extra=dict(err.details or {}))
+                    seen[k] = _store_key(doc["_id"])
+        mmc._store.create_index(name, config)
 
     def list_indexes(self, db: str, coll: str) -> list[Document]:
         if self.info(db, coll) is None:
@@ -514,14 +709,12 @@ class Storage:
         replacement = isinstance(update, Mapping) and not any(
             str(k).startswith("$") for k in update
         )
-        if isinstance(update, list):
-            raise CommandError(
-                115, "the MongoDB emulator does not support pipeline-style updates"
-            )
         if replacement and multi:
             raise CommandError(9, "multi update is not supported for replacement-style update")
         if not replacement and isinstance(update, Mapping) and not update:
             raise CommandError(9, "Update document requires atomic operators")
+        if isinstance(update, Mapping) and not replacement:
+            _check_positional(filter, update)
         self.opcounters["update"] += 1
         if self.info(db, coll) is None:
             if not upsert:
@@ -532,7 +725,8 @@ class Storage:
             result = mmc._update(
                 filter, update, upsert=upsert, multi=multi, array_filters=array_filters
             )
-        self._record(db, coll, cap, replacement=replacement)
+        self._record(db, coll, cap, replacement=replacement,
+                     pipeline=isinstance(update, list))
         out = WriteOutcome(matched=0 if result.get("upserted") is not None else result["n"],
                            modified=result.get("nModified", 0))
         if result.get("upserted") is not None:
@@ -674,11 +868,11 @@ class Storage:
             self.catalog.setdefault(db, {})[coll] = CollectionInfo(c["uuid"], c["options"])
             self._mm[db]._store.create_collection(coll)
             mmc = self._mm[db][coll]
-            for ix in c["indexes"]:
-                kwargs = {k: v for k, v in ix.items() if k in _MM_INDEX_OPTIONS}
-                mmc.create_index(list(ix["key"].items()), name=ix["name"], **kwargs)
             for doc in c["documents"]:
                 mmc._store._documents[_store_key(doc["_id"])] = doc
+            for ix in c["indexes"]:
+                opts = {k: v for k, v in ix.items() if k in _MM_INDEX_OPTIONS}
+                self._install_index(db, coll, ix["name"], list(ix["key"].items()), opts)
         self._index_extra.update(data.get("index_extra", {}))
         self.oplog.load(data["oplog"])
         self.clock.last = max(self.clock.last, data["clock"])
@@ -701,7 +895,7 @@ class Storage:
         return Storage._CaptureScope(_Capture(mmc._store._documents))
 
     def _record(
-        self, db: str, coll: str, cap: _Capture, *, replacement: bool
+        self, db: str, coll: str, cap: _Capture, *, replacement: bool, pipeline: bool = False
     ) -> list[tuple[Any, str]]:
         """Turn a capture into oplog entries, in the order documents were touched."""
         info = self.catalog[db][coll]
@@ -721,7 +915,7 @@ class Storage:
                 entry = {"op": "d", "ns": ns, "ui": info.uuid, "o": {"_id": before["_id"]}}
                 kind = "d"
             else:
-                diff = compute_v2_diff(before, after)
+                diff = compute_v2_diff(before, after, pipeline=pipeline)
                 if diff is None:
                     continue
                 o = copy.deepcopy(after) if replacement else {"$v": 2, "diff": diff}
