@@ -545,83 +545,78 @@ def _drop_indexes(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) ->
 
 
 # -- writes ----------------------------------------------------------------------------
-@command("insert")
-def _insert(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Document:
-    coll = _coll_name(cmd, "insert")
-    docs = _statements(cmd, "documents")
+def _each_statement(
+    cmd: Document, key: str, apply: Callable[[int, Any], None]
+) -> list[Document]:
+    """Run a write command's statements; each fails on its own, as in MongoDB, and an
+    ordered batch stops at the first failure. Returns the writeErrors."""
     ordered = cmd.get("ordered", True)
-    n = 0
     errors: list[Document] = []
-    for i, doc in enumerate(docs):
+    for i, statement in enumerate(_statements(cmd, key)):
         try:
-            if not isinstance(doc, Mapping):
-                raise CommandError(14, "each document to insert must be an object")
-            ctx.storage.insert(db, coll, dict(doc))
-            n += 1
-        except Exception as exc:  # each statement fails on its own, like MongoDB
+            apply(i, statement)
+        except Exception as exc:
             errors.append(_write_error(i, exc))
             if ordered:
                 break
-    return _finish_write({"n": n}, errors)
+    return errors
+
+
+@command("insert")
+def _insert(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Document:
+    coll = _coll_name(cmd, "insert")
+    reply: Document = {"n": 0}
+
+    def apply(i: int, doc: Any) -> None:
+        if not isinstance(doc, Mapping):
+            raise CommandError(14, "each document to insert must be an object")
+        ctx.storage.insert(db, coll, dict(doc))
+        reply["n"] += 1
+
+    return _finish_write(reply, _each_statement(cmd, "documents", apply))
 
 
 @command("update")
 def _update(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Document:
     coll = _coll_name(cmd, "update")
-    stmts = _statements(cmd, "updates")
-    ordered = cmd.get("ordered", True)
-    n = modified = 0
+    reply: Document = {"n": 0, "nModified": 0}
     upserted: list[Document] = []
-    errors: list[Document] = []
-    for i, st in enumerate(stmts):
-        try:
-            if not isinstance(st, Mapping) or "q" not in st or "u" not in st:
-                raise CommandError(40414, "update statement must have 'q' and 'u'")
-            out = ctx.storage.update(
-                db, coll, dict(st["q"]), st["u"],
-                multi=bool(st.get("multi", False)),
-                upsert=bool(st.get("upsert", False)),
-                array_filters=st.get("arrayFilters"),
-            )
-            n += out.matched
-            modified += out.modified
-            if out.upserted_id is not _missing(out):
-                upserted.append({"index": i, "_id": out.upserted_id})
-                n += 1
-        except Exception as exc:
-            errors.append(_write_error(i, exc))
-            if ordered:
-                break
-    reply: Document = {"n": n, "nModified": modified}
+    no_upsert = WriteOutcome().upserted_id
+
+    def apply(i: int, st: Any) -> None:
+        if not isinstance(st, Mapping) or "q" not in st or "u" not in st:
+            raise CommandError(40414, "update statement must have 'q' and 'u'")
+        out = ctx.storage.update(
+            db, coll, dict(st["q"]), st["u"],
+            multi=bool(st.get("multi", False)),
+            upsert=bool(st.get("upsert", False)),
+            array_filters=st.get("arrayFilters"),
+        )
+        reply["n"] += out.matched
+        reply["nModified"] += out.modified
+        if out.upserted_id is not no_upsert:
+            upserted.append({"index": i, "_id": out.upserted_id})
+            reply["n"] += 1
+
+    errors = _each_statement(cmd, "updates", apply)
     if upserted:
         reply["upserted"] = upserted
     return _finish_write(reply, errors)
 
 
-def _missing(out: WriteOutcome) -> Any:
-    return WriteOutcome().upserted_id
-
-
 @command("delete")
 def _delete(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Document:
     coll = _coll_name(cmd, "delete")
-    stmts = _statements(cmd, "deletes")
-    ordered = cmd.get("ordered", True)
-    n = 0
-    errors: list[Document] = []
-    for i, st in enumerate(stmts):
-        try:
-            if not isinstance(st, Mapping) or "q" not in st or "limit" not in st:
-                raise CommandError(40414, "delete statement must have 'q' and 'limit'")
-            if st["limit"] not in (0, 1):
-                raise CommandError(9, "The limit field in delete objects must be 0 or 1.")
-            out = ctx.storage.delete(db, coll, dict(st["q"]), multi=st["limit"] == 0)
-            n += out.deleted
-        except Exception as exc:
-            errors.append(_write_error(i, exc))
-            if ordered:
-                break
-    return _finish_write({"n": n}, errors)
+    reply: Document = {"n": 0}
+
+    def apply(i: int, st: Any) -> None:
+        if not isinstance(st, Mapping) or "q" not in st or "limit" not in st:
+            raise CommandError(40414, "delete statement must have 'q' and 'limit'")
+        if st["limit"] not in (0, 1):
+            raise CommandError(9, "The limit field in delete objects must be 0 or 1.")
+        reply["n"] += ctx.storage.delete(db, coll, dict(st["q"]), multi=st["limit"] == 0).deleted
+
+    return _finish_write(reply, _each_statement(cmd, "deletes", apply))
 
 
 @command("findAndModify")
