@@ -1,0 +1,73 @@
+"""`presenced check`: prints the effective settings with secrets masked, tests MongoDB."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+SECRET = "s3cr3t-Pa55word"
+
+
+def with_database(url: str, database: str, userinfo: str | None = None) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    if userinfo:
+        netloc = f"{userinfo}@{netloc}"
+    return urlunsplit((parts.scheme, netloc, f"/{database}", parts.query, ""))
+
+
+def run_check(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    base = {"PATH": os.environ.get("PATH", ""), "HOME": str(cwd)}
+    return subprocess.run(
+        [sys.executable, "-m", "presenced", "check"], env={**base, **env}, cwd=cwd,
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_check_reports_a_reachable_replica_set_and_exits_0(mongo_url: str, tmp_path: Path) -> None:
+    done = run_check({"MONGO_URL": with_database(mongo_url, "rocketchat")}, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "MongoDB: ok" in done.stdout
+    assert "replica set" in done.stdout
+
+
+def test_check_masks_the_rocketchat_password(mongo_url: str, tmp_path: Path) -> None:
+    env = {
+        "MONGO_URL": with_database(mongo_url, "rocketchat"),
+        "ROCKETCHAT_URL": "http://127.0.0.1:3000",
+        "ROCKETCHAT_USERNAME": "presence-bot",
+        "ROCKETCHAT_PASSWORD": SECRET,
+    }
+    done = run_check(env, tmp_path)
+    assert "ROCKETCHAT_PASSWORD" in done.stdout
+    assert SECRET not in done.stdout + done.stderr
+
+
+@pytest.mark.emulator_only
+def test_check_masks_a_password_inside_the_mongo_url_even_when_login_fails(
+    mongo_url: str, tmp_path: Path
+) -> None:
+    url = with_database(mongo_url, "rocketchat", userinfo=f"rc:{SECRET}")
+    done = run_check({"MONGO_URL": url}, tmp_path)
+    assert done.returncode == 1
+    assert SECRET not in done.stdout + done.stderr
+    assert "MONGO_URL" in done.stdout
+
+
+def test_check_with_a_bad_setting_exits_78_naming_it(tmp_path: Path) -> None:
+    done = run_check({"MONGO_URL": "mongodb://127.0.0.1:1/rocketchat", "CACHE_TTL": "soon"},
+                     tmp_path)
+    assert done.returncode == 78
+    assert "CACHE_TTL" in done.stderr
+
+
+def test_check_with_an_unreachable_server_exits_1(tmp_path: Path) -> None:
+    done = run_check({"MONGO_URL": "mongodb://127.0.0.1:1/rocketchat?connectTimeoutMS=200"
+                      "&serverSelectionTimeoutMS=500"}, tmp_path)
+    assert done.returncode == 1
+    assert "unreachable" in done.stderr
