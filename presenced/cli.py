@@ -1,4 +1,4 @@
-"""Command line: ``presenced check`` (and, as they land, run, demo, simulate).
+"""Command line: ``presenced check``, ``presenced simulate`` (and, as they land, run, demo).
 
 Owns: argument parsing, turning settings problems into exit status 78 with the message,
 and each subcommand's top-level flow. It never reads environment variables itself
@@ -17,6 +17,13 @@ from presenced.log import redact
 
 EX_OK = 0
 EX_FAIL = 1
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _settings(command: str) -> Settings:
@@ -59,14 +66,83 @@ def check(timeout_ms: int = 5000) -> int:
         client.close()
 
 
+def simulate(args: argparse.Namespace) -> int:
+    """Write simulated Rocket.Chat presence traffic to any MongoDB until Ctrl-C."""
+    import signal
+    import threading
+    import time
+
+    from pymongo import MongoClient, uri_parser
+    from pymongo.errors import PyMongoError
+
+    # The simulator is test support: loaded only by this command, never by the daemon.
+    from presenced.testing.simulator import RocketChatSimulator, TickStats
+
+    try:
+        database = uri_parser.parse_uri(args.mongo_url).get("database")
+    except Exception as exc:
+        print(f"--mongo-url is not a MongoDB URL: {redact(str(exc), [])}", file=sys.stderr)
+        return SettingsError.exit_code
+    if not database:
+        print("--mongo-url must name the database, e.g. mongodb://127.0.0.1:27017/rocketchat"
+              "?replicaSet=rs0", file=sys.stderr)
+        return SettingsError.exit_code
+    client: MongoClient[dict[str, object]] = MongoClient(
+        args.mongo_url, serverSelectionTimeoutMS=10_000
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.duration is not None:
+        threading.Timer(args.duration, stop.set).start()
+    last_report = [time.monotonic()]
+
+    def report(stats: TickStats) -> None:
+        if time.monotonic() - last_report[0] >= args.report_every:
+            last_report[0] = time.monotonic()
+            print(f"t={stats.elapsed:7.0f}s users online={stats.connected_users:6d} "
+                  f"connections={stats.live_connections:6d} instances={stats.live_instances} "
+                  f"writes={sim.stats.total}", flush=True)
+
+    try:
+        sim = RocketChatSimulator(
+            client[database], users=args.users, instances=args.instances, seed=args.seed,
+            crash_after=args.crash_after,
+        )
+        sim.setup()
+        print(f"simulating {args.users} users on {args.instances} Rocket.Chat instances "
+              f"into {database} (Ctrl-C stops)", flush=True)
+        sim.run(stop, speed=args.speed, on_tick=report)
+    except PyMongoError as exc:
+        print(f"MongoDB: {redact(str(exc), [])}", file=sys.stderr)
+        return EX_FAIL
+    finally:
+        stop.set()
+        client.close()
+    print(f"stopped after {sim.stats.total} writes", flush=True)
+    return EX_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="presenced", description="Rocket.Chat presence daemon")
     parser.add_argument("--version", action="version", version=f"presenced {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="print the effective settings and test the MongoDB connection")
+    sim = sub.add_parser("simulate", help="write simulated Rocket.Chat presence traffic")
+    sim.add_argument("--mongo-url", required=True, help="MongoDB URL naming the database")
+    sim.add_argument("--users", type=_positive_int, default=50)
+    sim.add_argument("--instances", type=_positive_int, default=3)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--speed", type=float, default=1.0, help="simulated seconds per second")
+    sim.add_argument("--crash-after", type=float, default=None,
+                     help="crash one Rocket.Chat instance after this many simulated seconds")
+    sim.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    sim.add_argument("--report-every", type=float, default=5.0, help="seconds between lines")
     args = parser.parse_args(argv)
     if args.command == "check":
         return check()
+    if args.command == "simulate":
+        return simulate(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -71,3 +71,36 @@ def test_check_with_an_unreachable_server_exits_1(tmp_path: Path) -> None:
                       "&serverSelectionTimeoutMS=500"}, tmp_path)
     assert done.returncode == 1
     assert "unreachable" in done.stderr
+
+
+def test_simulate_writes_rocketchat_sessions_for_the_requested_users(
+    client: object, mongo_url: str, tmp_path: Path
+) -> None:
+    from pymongo import MongoClient
+
+    database = f"sim_{tmp_path.name[-8:]}".replace("-", "_")
+    url = with_database(mongo_url, database)
+    done = subprocess.run(
+        [sys.executable, "-m", "presenced", "simulate", "--mongo-url", url, "--users", "20",
+         "--speed", "60", "--duration", "3", "--report-every", "1"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "stopped after" in done.stdout
+    check: MongoClient[dict[str, object]] = MongoClient(mongo_url)
+    try:
+        db = check[database]
+        assert db.users.count_documents({}) == 20
+        assert db.usersSessions.count_documents({"connections.0": {"$exists": True}}) > 0
+    finally:
+        check.drop_database(database)
+        check.close()
+
+
+def test_simulate_refuses_a_url_without_a_database(mongo_url: str, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "presenced", "simulate", "--mongo-url", mongo_url],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert done.returncode == 78
+    assert "must name the database" in done.stderr
