@@ -1,0 +1,502 @@
+"""The engine: the daemon's in-memory view of presence, its timers, and its transitions.
+
+This module owns
+- the bounded cache of what presenced last read for each user (the parsed ``users`` fields,
+  the parsed ``usersSessions.connections``, the stored ``status``/``statusConnection``) and
+  of the ``instances`` collection;
+- the timer heap of "this user's answer changes by itself at t" (a connection goes stale,
+  or its instance times out), from ``presence.next_change_ms``;
+- the decisions taken on that view: which write to plan (only when the stored pair differs
+  from the derived one), which transition to announce once a write landed, which users an
+  instance change concerns, which connections the reaper may pull and with which cutoff.
+
+It must never do I/O, read the clock, block or import trio, pymongo or loguru: every method
+takes ``now_ms`` (integer milliseconds since the epoch) and returns what the caller should
+do. The loader feeds it freshly read documents, the writer reports back with ``confirm`` or
+``conflict``, and the run loop sleeps until ``next_deadline``. The rules themselves live in
+``presence.py``; this module only decides when to apply them and remembers the results.
+Malformed documents never raise: the reasons ``presence.parse_*`` gives are counted.
+
+Cached entries are frozen and replaced, never mutated, so a value handed out (a
+``PlannedWrite``, a ``Transition``, a ``ReapCandidate``) never changes behind its holder.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any, Final
+
+from cachetools import Cache, LRUCache
+
+from presenced.presence import (
+    NO_INSTANCES,
+    Connection,
+    InstanceLiveness,
+    Presence,
+    Status,
+    UserState,
+    counts,
+    derive,
+    from_ms,
+    needs_write,
+    next_change_ms,
+    parse_connections,
+    parse_instances,
+    parse_user,
+)
+from presenced.presence import reapable as presence_reapable
+
+__all__ = [
+    "REASONS",
+    "Engine",
+    "EngineStats",
+    "PlannedWrite",
+    "ReapCandidate",
+    "Transition",
+]
+
+REASON_CONNECTIONS: Final = "connections"
+"""The user's ``usersSessions`` document changed (connect, heartbeat, away, disconnect)."""
+REASON_USER: Final = "user"
+"""The user's ``users`` document changed (``statusDefault``, ``active``, stored status)."""
+REASON_STALE: Final = "stale"
+"""A timer fired: a connection stopped counting with no new data."""
+REASON_INSTANCE: Final = "instance"
+"""The ``instances`` collection changed (an instance appeared, disappeared or died)."""
+REASON_RECONCILE: Final = "reconcile"
+"""Start-up or a partition change: the user is checked from scratch."""
+REASONS: Final = frozenset(
+    {REASON_CONNECTIONS, REASON_USER, REASON_STALE, REASON_INSTANCE, REASON_RECONCILE}
+)
+"""Why a user was (re)derived; the label of the decision metrics."""
+
+_STATUS_VALUES: Final = frozenset(status.value for status in Status)
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A write that landed: what was stored before, what is stored now, and why.
+
+    ``previous`` is None when the stored pair was missing or not a pair of known statuses.
+    """
+
+    user_id: Any
+    username: str | None
+    previous: Presence | None
+    current: Presence
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedWrite:
+    """Set the user's ``status``/``statusConnection`` to ``presence``, if they still hold the
+    expected values (the raw values read, None for missing or not a string).
+
+    ``reason`` and ``username`` travel with the write so that ``confirm`` can announce the
+    transition even if the user left the cache in the meantime.
+    """
+
+    user_id: Any
+    presence: Presence
+    expected_status: str | None
+    expected_status_connection: str | None
+    reason: str = REASON_RECONCILE
+    username: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReapCandidate:
+    """Connections of one user that no longer count, for the reaper's guarded ``$pull``.
+
+    ``cutoff_ms`` is the largest ``_updatedAt`` among them: the pull removes an entry only
+    if its id is listed and its ``_updatedAt`` is at or before the cutoff, so a heartbeat
+    that lands between the read and the pull keeps the connection.
+    """
+
+    user_id: Any
+    connection_ids: tuple[str, ...]
+    cutoff_ms: int
+
+    @property
+    def cutoff(self) -> datetime:
+        """The cutoff as the aware UTC datetime the ``$pull`` filter compares with."""
+        return from_ms(self.cutoff_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of the engine's gauges and counters, for the metrics endpoint."""
+
+    users_tracked: int
+    timers_pending: int
+    malformed: Mapping[str, int]
+    writes_planned: Mapping[str, int]
+    transitions: Mapping[str, int]
+    evictions: int
+
+
+@dataclass(frozen=True, slots=True)
+class _CachedUser:
+    """What the engine knows of one user: the last documents read, and the last answer."""
+
+    username: str | None
+    state: UserState
+    connections: tuple[Connection, ...]
+    stored_status: str | None
+    stored_status_connection: str | None
+    instance_ids: frozenset[str]
+    answer: Presence
+    confirmed: bool = False
+    """The stored pair is the one a confirmed write put there (so a second confirm of it is
+    a duplicate), not merely one read from the document."""
+
+
+class _UserCache(LRUCache[Any, _CachedUser]):
+    """An LRU cache that tells its owner which user it evicted, so the user's timer and
+    instance-index entries go with it (an evicted user is re-read, never resurrected)."""
+
+    def __init__(self, maxsize: int, on_evict: Callable[[Any, _CachedUser], None]) -> None:
+        super().__init__(maxsize)
+        self._on_evict = on_evict
+
+    def popitem(self) -> tuple[Any, _CachedUser]:
+        # cachetools calls popitem only to make room; forget() deletes with ``pop``.
+        user_id, cached = super().popitem()
+        self._on_evict(user_id, cached)
+        return user_id, cached
+
+    def peek_items(self) -> list[tuple[Any, _CachedUser]]:
+        """Every entry, without marking any as recently used (a sweep is not a use)."""
+        return [(user_id, Cache.__getitem__(self, user_id)) for user_id in list(self)]
+
+
+def _raw_status(value: object) -> str | None:
+    """The stored value as the write's filter must expect it: a string, else None."""
+    return value if isinstance(value, str) else None
+
+
+def _as_presence(status: str | None, status_connection: str | None) -> Presence | None:
+    if status in _STATUS_VALUES and status_connection in _STATUS_VALUES:
+        return Presence(Status(status), Status(status_connection))
+    return None
+
+
+class Engine:
+    """The in-memory state machine between the loader and the writer.
+
+    ``ttl_ms`` is Rocket.Chat's ``CACHE_TTL`` in ms; ``instance_timeout_ms`` is the age past
+    which an instance document means a dead instance; ``max_users`` bounds the user cache
+    (least recently used users are evicted; the caller re-reads them when they matter again).
+    """
+
+    def __init__(
+        self, *, ttl_ms: int, instance_timeout_ms: int, max_users: int = 1_000_000
+    ) -> None:
+        if ttl_ms < 0 or instance_timeout_ms < 0:
+            raise ValueError("ttl_ms and instance_timeout_ms must be zero or more milliseconds")
+        if max_users < 1:
+            raise ValueError("max_users must be at least 1")
+        self._ttl_ms = ttl_ms
+        self._instance_timeout_ms = instance_timeout_ms
+        self._liveness: InstanceLiveness = NO_INSTANCES
+        self._users = _UserCache(max_users, self._on_evict)
+        # instance id -> users with at least one connection on it (cached users only).
+        self._by_instance: dict[str, set[Any]] = {}
+        # Timers: a heap of (at_ms, token, user_id) and the live token of each user. Tokens
+        # come from one global sequence, so an entry left behind by a superseded timer, a
+        # forgotten or an evicted user can never match again (lazy deletion).
+        self._heap: list[tuple[int, int, Any]] = []
+        self._timer_token: dict[Any, int] = {}
+        self._tokens = itertools.count()
+        self._malformed: Counter[str] = Counter()
+        self._writes_planned: Counter[str] = Counter()
+        self._transitions: Counter[str] = Counter()
+        self._evictions = 0
+
+    # ------------------------------------------------------------------ instances
+
+    def set_instances(self, docs: Iterable[Mapping[str, Any]], now_ms: int) -> list[Any]:
+        """Replace the view of the ``instances`` collection.
+
+        Returns the cached users whose answer may have changed, for the caller to
+        ``evaluate`` with reason ``"instance"``: those with a connection on an instance
+        that is dead now and was not, or alive now and was not (appeared, disappeared, timed
+        out, or the whole collection went from empty to used and back), and those whose
+        instance's timeout moved earlier than their timer. A timeout that moved later (the
+        usual heartbeat of an instance) needs nothing: the user's timer fires early, the
+        answer is unchanged, and ``evaluate`` schedules the later instant.
+        """
+        updated_ms, reasons = parse_instances(docs)
+        self._malformed.update(reasons)
+        old, new = self._liveness, InstanceLiveness(updated_ms, self._instance_timeout_ms)
+        self._liveness = new
+        affected: dict[Any, None] = {}
+        for instance_id, user_ids in self._by_instance.items():
+            if self._instance_changed(instance_id, old, new, now_ms):
+                affected.update(dict.fromkeys(user_ids))
+        return list(affected)
+
+    @staticmethod
+    def _instance_changed(
+        instance_id: str, old: InstanceLiveness, new: InstanceLiveness, now_ms: int
+    ) -> bool:
+        was_dead, is_dead = old.is_dead(instance_id, now_ms), new.is_dead(instance_id, now_ms)
+        if was_dead != is_dead:
+            return True
+        if is_dead:
+            return False  # dead before and after: its connections still do not count
+        old_dies, new_dies = old.dies_at_ms(instance_id), new.dies_at_ms(instance_id)
+        return new_dies is not None and (old_dies is None or new_dies < old_dies)
+
+    # ------------------------------------------------------------------ users
+
+    def load(
+        self,
+        user_id: Any,
+        user_doc: Mapping[str, Any] | None,
+        sessions_doc: Mapping[str, Any] | None,
+        now_ms: int,
+        reason: str,
+    ) -> PlannedWrite | None:
+        """Take freshly read documents for a user, derive, reschedule, maybe plan a write.
+
+        ``user_doc`` None means the user does not exist (deleted): it is forgotten and
+        nothing is written. ``sessions_doc`` None means no connections. The write is planned
+        only if the stored ``status``/``statusConnection`` differ from the derived pair.
+        """
+        if user_doc is None:
+            self.forget(user_id)
+            return None
+        if not isinstance(user_doc, Mapping):
+            self._malformed["user_not_a_document"] += 1
+            self.forget(user_id)
+            return None
+        state, user_reasons = parse_user(user_doc)
+        self._malformed.update(user_reasons)
+        raw_connections: object = None
+        if isinstance(sessions_doc, Mapping):
+            raw_connections = sessions_doc.get("connections")
+        elif sessions_doc is not None:
+            self._malformed["sessions_not_a_document"] += 1
+        connections, connection_reasons = parse_connections(raw_connections)
+        self._malformed.update(connection_reasons)
+        username = user_doc.get("username")
+        previous = self._users.get(user_id)
+        stored_status = _raw_status(user_doc.get("status"))
+        stored_status_connection = _raw_status(user_doc.get("statusConnection"))
+        cached = _CachedUser(
+            username=username if isinstance(username, str) else None,
+            state=state,
+            connections=tuple(connections),
+            stored_status=stored_status,
+            stored_status_connection=stored_status_connection,
+            instance_ids=frozenset(c.instance_id for c in connections if c.instance_id),
+            answer=derive(state, connections, now_ms, self._ttl_ms, self._liveness),
+            confirmed=previous is not None
+            and previous.confirmed
+            and (previous.stored_status, previous.stored_status_connection)
+            == (stored_status, stored_status_connection),
+        )
+        self._users[user_id] = cached
+        self._reindex(user_id, previous.instance_ids if previous else frozenset(), cached)
+        return self._settle(user_id, cached, now_ms, reason)
+
+    def evaluate(self, user_id: Any, now_ms: int, reason: str) -> PlannedWrite | None:
+        """Re-derive a cached user at ``now_ms`` from what was last read (no new read).
+
+        For a timer that fired or an instance change. An unknown user (never loaded,
+        forgotten, evicted) gives None: the caller re-reads it with ``load`` if it matters.
+        """
+        cached = self._users.get(user_id)
+        if cached is None:
+            self._cancel_timer(user_id)
+            return None
+        answer = derive(cached.state, cached.connections, now_ms, self._ttl_ms, self._liveness)
+        if answer != cached.answer:
+            cached = replace(cached, answer=answer)
+            self._users[user_id] = cached
+        return self._settle(user_id, cached, now_ms, reason)
+
+    def _settle(
+        self, user_id: Any, cached: _CachedUser, now_ms: int, reason: str
+    ) -> PlannedWrite | None:
+        """Schedule the user's next change and plan the write the answer calls for, if any."""
+        at = next_change_ms(cached.connections, now_ms, self._ttl_ms, self._liveness)
+        if at is None:
+            self._cancel_timer(user_id)
+        else:
+            self._schedule(user_id, at)
+        if not needs_write(cached.stored_status, cached.stored_status_connection, cached.answer):
+            return None
+        self._writes_planned[reason] += 1
+        return PlannedWrite(
+            user_id=user_id,
+            presence=cached.answer,
+            expected_status=cached.stored_status,
+            expected_status_connection=cached.stored_status_connection,
+            reason=reason,
+            username=cached.username,
+        )
+
+    def confirm(self, write: PlannedWrite, now_ms: int) -> Transition | None:
+        """The write landed: remember the new stored pair and return the transition.
+
+        None when a confirmed write already put that pair there (the same write confirmed
+        twice, or two writes planned before the first landed), so each change is announced
+        once. A pair that the cache holds only because a re-read saw this write's result
+        before the confirmation is still announced.
+
+        If the answer moved on while the write was in flight (a timer fired, or newer
+        documents were loaded, against the old stored pair), the value just written is
+        already wrong and nothing else would correct it: the user is made due at ``now_ms``
+        so the run loop's next ``evaluate`` plans the follow-up write.
+        """
+        new_status = write.presence.status.value
+        new_status_connection = write.presence.status_connection.value
+        cached = self._users.get(write.user_id)
+        username = write.username
+        if cached is not None:
+            stored = (cached.stored_status, cached.stored_status_connection)
+            if cached.confirmed and stored == (new_status, new_status_connection):
+                return None
+            self._users[write.user_id] = replace(
+                cached,
+                stored_status=new_status,
+                stored_status_connection=new_status_connection,
+                confirmed=True,
+            )
+            username = cached.username
+            if cached.answer != write.presence:
+                self._schedule(write.user_id, now_ms)
+        previous = _as_presence(write.expected_status, write.expected_status_connection)
+        if previous == write.presence:
+            return None
+        self._transitions[write.reason] += 1
+        return Transition(write.user_id, username, previous, write.presence, write.reason)
+
+    def conflict(self, user_id: Any) -> None:
+        """The write's filter did not match: the stored pair changed under us.
+
+        The cached documents are stale, so the user is dropped; the caller re-reads it and
+        ``load`` plans a write against the values that are really stored.
+        """
+        self.forget(user_id)
+
+    def forget(self, user_id: Any) -> None:
+        """Drop everything known about a user: cached documents, index entries, timer."""
+        cached = self._users.pop(user_id, None)
+        if cached is not None:
+            self._reindex(user_id, cached.instance_ids, None)
+        self._cancel_timer(user_id)
+
+    def presence(self, user_id: Any) -> Presence | None:
+        """The last derived answer for a cached user (None if not cached)."""
+        cached = self._users.get(user_id)
+        return None if cached is None else cached.answer
+
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._users
+
+    def _on_evict(self, user_id: Any, cached: _CachedUser) -> None:
+        self._evictions += 1
+        self._reindex(user_id, cached.instance_ids, None)
+        self._cancel_timer(user_id)
+
+    def _reindex(self, user_id: Any, old: frozenset[str], new: _CachedUser | None) -> None:
+        current = new.instance_ids if new is not None else frozenset()
+        for instance_id in old - current:
+            users = self._by_instance.get(instance_id)
+            if users is not None:
+                users.discard(user_id)
+                if not users:
+                    del self._by_instance[instance_id]
+        for instance_id in current - old:
+            self._by_instance.setdefault(instance_id, set()).add(user_id)
+
+    # ------------------------------------------------------------------ timers
+
+    def _schedule(self, user_id: Any, at_ms: int) -> None:
+        token = next(self._tokens)
+        self._timer_token[user_id] = token
+        heapq.heappush(self._heap, (at_ms, token, user_id))
+        # Superseded entries are dropped lazily; rebuild when they dominate the heap, so a
+        # user heartbeating for days does not grow it without bound.
+        if len(self._heap) > 2 * len(self._timer_token) + 1024:
+            self._heap = [entry for entry in self._heap if self._is_live(entry)]
+            heapq.heapify(self._heap)
+
+    def _cancel_timer(self, user_id: Any) -> None:
+        self._timer_token.pop(user_id, None)
+
+    def _is_live(self, entry: tuple[int, int, Any]) -> bool:
+        _, token, user_id = entry
+        return self._timer_token.get(user_id) == token
+
+    def due(self, now_ms: int) -> list[Any]:
+        """Pop the users whose timer is at or before ``now_ms``, for ``evaluate``."""
+        due: list[Any] = []
+        while self._heap and self._heap[0][0] <= now_ms:
+            entry = heapq.heappop(self._heap)
+            if self._is_live(entry):
+                del self._timer_token[entry[2]]
+                due.append(entry[2])
+        return due
+
+    def next_deadline(self) -> int | None:
+        """The earliest pending timer in ms, or None when nothing can change by itself."""
+        while self._heap and not self._is_live(self._heap[0]):
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+    # ------------------------------------------------------------------ reaper
+
+    def reapable(self, now_ms: int) -> list[ReapCandidate]:
+        """Per cached user, the connections that no longer count, with the pull's cutoff.
+
+        Ids are deduplicated (a duplicated entry is one id in the ``$in``). The cutoff is the
+        largest ``_updatedAt`` among them. An id that also names a connection that still
+        counts and is not newer than that cutoff (the same id on a dead and on a live
+        instance) is left out this round, so the guarded pull cannot remove a counted entry;
+        its dead copy goes once it is stale, when its cutoff is older than the live one.
+        """
+        candidates: list[ReapCandidate] = []
+        for user_id, cached in self._users.peek_items():
+            dead = presence_reapable(cached.connections, now_ms, self._ttl_ms, self._liveness)
+            if not dead:
+                continue
+            cutoff = max(conn.updated_ms for conn in dead)
+            blocked = {
+                conn.id
+                for conn in cached.connections
+                if conn.updated_ms <= cutoff and counts(conn, now_ms, self._ttl_ms, self._liveness)
+            }
+            kept = [conn for conn in dead if conn.id not in blocked]
+            if not kept:
+                continue
+            candidates.append(
+                ReapCandidate(
+                    user_id=user_id,
+                    connection_ids=tuple(dict.fromkeys(conn.id for conn in kept)),
+                    cutoff_ms=max(conn.updated_ms for conn in kept),
+                )
+            )
+        return candidates
+
+    # ------------------------------------------------------------------ metrics
+
+    def stats(self) -> EngineStats:
+        """Users cached, live timers, and the decision counters since start."""
+        return EngineStats(
+            users_tracked=len(self._users),
+            timers_pending=len(self._timer_token),
+            malformed=MappingProxyType(dict(self._malformed)),
+            writes_planned=MappingProxyType(dict(self._writes_planned)),
+            transitions=MappingProxyType(dict(self._transitions)),
+            evictions=self._evictions,
+        )
