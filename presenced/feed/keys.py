@@ -1,0 +1,95 @@
+"""The keys every feed produces: "this thing changed, go and re-read it".
+
+Owns: the key types (:class:`SessionsChanged`, :class:`UserChanged`,
+:class:`InstancesChanged`, :class:`ResyncAll`), the names of the collections a feed watches
+(:class:`WatchedCollections`) and the list of ``users`` fields presence reads
+(:data:`PRESENCE_USER_FIELDS`).
+
+A key says *which* document changed, never *how*: the loader re-reads the current
+documents, so a key is correct whatever the event carried. Both feeds (change streams and,
+later, the oplog) produce exactly these keys, so everything downstream is shared.
+
+Must never: decide a status, do I/O, import pymongo, trio or loguru. Everything here is pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class SessionsChanged:
+    """A ``usersSessions`` document was inserted, updated, replaced or deleted."""
+
+    user_id: Any
+
+
+@dataclass(frozen=True, slots=True)
+class UserChanged:
+    """A ``users`` document changed in a field presence reads, or was inserted/replaced/deleted."""
+
+    user_id: Any
+
+
+@dataclass(frozen=True, slots=True)
+class InstancesChanged:
+    """An ``instances`` document appeared, changed or was deleted."""
+
+    instance_id: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncAll:
+    """Something happened that no per-document key can describe: reconcile everything.
+
+    ``reason`` is the event that caused it: ``drop``, ``dropDatabase``, ``rename`` or
+    ``invalidate`` (a feed may add its own reasons).
+    """
+
+    reason: str
+
+
+Key = SessionsChanged | UserChanged | InstancesChanged | ResyncAll
+
+PRESENCE_USER_FIELDS: frozenset[str] = frozenset(
+    {
+        "active",
+        "statusDefault",
+        "status",
+        "statusConnection",
+        "username",
+        "statusText",
+        "roles",
+        "type",
+    }
+)
+"""Top-level ``users`` fields presence reads; a change to any other field needs no re-read."""
+
+
+@dataclass(frozen=True)
+class WatchedCollections:
+    """The database and the names of the three collections presence watches.
+
+    The names default to Rocket.Chat's; a deployment may rename them.
+    """
+
+    database: str
+    users: str = "users"
+    sessions: str = "usersSessions"
+    instances: str = "instances"
+
+    @property
+    def names(self) -> tuple[str, str, str]:
+        """The three collection names, users first."""
+        return (self.users, self.sessions, self.instances)
+
+
+def touches_presence_fields(top_level_fields: Iterable[str]) -> bool:
+    """True if any of ``top_level_fields`` is (or is inside) a field presence reads.
+
+    Dotted paths count by their first component: ``"roles.0"`` touches ``roles``,
+    ``"services.resume.loginTokens"`` touches nothing presence reads.
+    """
+    return any(field.split(".", 1)[0] in PRESENCE_USER_FIELDS for field in top_level_fields)
