@@ -1,4 +1,4 @@
-"""Command line: ``presenced check``, ``presenced simulate`` (and, as they land, run, demo).
+"""Command line: ``presenced run``, ``check``, ``demo`` and ``simulate``.
 
 Owns: argument parsing, turning settings problems into exit status 78 with the message,
 and each subcommand's top-level flow. It never reads environment variables itself
@@ -66,6 +66,46 @@ def check(timeout_ms: int = 5000) -> int:
         client.close()
 
 
+def run() -> int:
+    """The daemon, until SIGINT/SIGTERM."""
+    try:
+        settings = _settings("run")
+    except SettingsError as exc:
+        print(f"presenced {__version__}: cannot start, the settings need fixing:\n{exc}",
+              file=sys.stderr)
+        return SettingsError.exit_code
+    import trio
+
+    from presenced.daemon import Daemon
+    from presenced.log import configure_logging
+
+    configure_logging(settings.log_level, settings.secrets())
+    try:
+        trio.run(Daemon(settings).run)
+    except BaseException as exc:  # turned into a message and an exit status
+        port_error = _find(exc, OSError)
+        if port_error is not None:
+            print(f"presenced: cannot serve HTTP on port {settings.health_check_port}: "
+                  f"{port_error.strerror}; set HEALTH_CHECK_PORT to a free port",
+                  file=sys.stderr)
+            return EX_FAIL
+        if isinstance(exc, KeyboardInterrupt):
+            return EX_OK
+        raise
+    return EX_OK
+
+
+def _find(exc: BaseException, kind: type[OSError]) -> OSError | None:
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find(inner, kind)
+            if found is not None:
+                return found
+    return None
+
+
 def simulate(args: argparse.Namespace) -> int:
     """Write simulated Rocket.Chat presence traffic to any MongoDB until Ctrl-C."""
     import signal
@@ -128,6 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"presenced {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="print the effective settings and test the MongoDB connection")
+    sub.add_parser("run", help="run the daemon (settings from the environment and .env)")
+    demo = sub.add_parser("demo", help="the daemon on the embedded MongoDB emulator with"
+                                       " simulated Rocket.Chat traffic")
+    demo.add_argument("--users", type=_positive_int, default=40)
+    demo.add_argument("--seed", type=int, default=1)
     sim = sub.add_parser("simulate", help="write simulated Rocket.Chat presence traffic")
     sim.add_argument("--mongo-url", required=True, help="MongoDB URL naming the database")
     sim.add_argument("--users", type=_positive_int, default=50)
@@ -141,6 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "check":
         return check()
+    if args.command == "run":
+        return run()
+    if args.command == "demo":
+        from presenced.testing.demo import demo as run_demo  # loads the testing extra
+
+        return run_demo(users=args.users, seed=args.seed)
     if args.command == "simulate":
         return simulate(args)
     parser.error(f"unknown command {args.command}")

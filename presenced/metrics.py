@@ -1,0 +1,54 @@
+"""Prometheus metrics, one registry per daemon.
+
+Owns: the name, labels and meaning of every metric. Metrics are named after decisions
+(a write issued, a conflict, a document refused), so an operator can see why the daemon
+did what it did. Never does I/O; the HTTP module renders the registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.transitions = Counter(
+            "presenced_transitions", "Status changes written, by reason and new status",
+            ["reason", "status"], registry=r,
+        )
+        self.writes = Counter(
+            "presenced_status_writes", "users status writes, by result (written, conflict,"
+            " failed)", ["result"], registry=r,
+        )
+        self.malformed = Counter(
+            "presenced_malformed_documents", "Documents or fields refused as malformed, by"
+            " reason", ["reason"], registry=r,
+        )
+        self.feed_keys = Counter(
+            "presenced_feed_keys", "Changes received from the feed, by kind", ["kind"],
+            registry=r,
+        )
+        self.feed_errors = Counter(
+            "presenced_mongodb_errors", "Failed MongoDB operations, by component",
+            ["component"], registry=r,
+        )
+        self.reconciliations = Counter(
+            "presenced_reconciliations", "Full reconciliations, by cause", ["cause"], registry=r
+        )
+        self.reaped = Counter(
+            "presenced_reaped_connections", "Connections removed from usersSessions by the"
+            " reaper (stale or of a dead instance)", registry=r,
+        )
+        self.users_tracked = Gauge("presenced_users_tracked", "Users held in memory", registry=r)
+        self.pending_writes = Gauge(
+            "presenced_pending_writes", "Status writes in flight", registry=r
+        )
+        self.feed_lag = Gauge(
+            "presenced_feed_lag_seconds", "Seconds since the feed last answered", registry=r
+        )
+        self.ready = Gauge("presenced_ready", "1 when /ready answers 200", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
