@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TypeVar
 
 from presenced import __version__
 from presenced.config import Settings, SettingsError, load_settings
@@ -83,6 +84,12 @@ def run() -> int:
     try:
         trio.run(Daemon(settings).run)
     except BaseException as exc:  # turned into a message and an exit status
+        from presenced.daemon import StartupProblem
+
+        problem = _find(exc, StartupProblem)
+        if problem is not None:
+            print(f"presenced: cannot start: {problem}", file=sys.stderr)
+            return StartupProblem.exit_code
         port_error = _find(exc, OSError)
         if port_error is not None:
             print(f"presenced: cannot serve HTTP on port {settings.health_check_port}: "
@@ -95,7 +102,10 @@ def run() -> int:
     return EX_OK
 
 
-def _find(exc: BaseException, kind: type[OSError]) -> OSError | None:
+E = TypeVar("E", bound=BaseException)
+
+
+def _find(exc: BaseException, kind: type[E]) -> E | None:
     if isinstance(exc, kind):
         return exc
     if isinstance(exc, BaseExceptionGroup):

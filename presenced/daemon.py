@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 from loguru import logger
@@ -51,6 +51,24 @@ from presenced.presence import (
 from presenced.store import CollectionNames, ReapRequest, StatusWrite, Store
 
 T = TypeVar("T")
+
+
+class StartupProblem(Exception):
+    """A deployment problem found at start that retrying cannot fix (exit status 78)."""
+
+    exit_code = 78
+
+
+class FeedSource(Protocol):
+    """What the daemon needs of a feed: both ChangeStreamSource and OplogSource."""
+
+    def open(self, position: Any) -> None: ...
+
+    def position(self) -> Any: ...
+
+    def poll(self, max_events: int = 1000) -> list[Key]: ...
+
+    def close(self) -> None: ...
 
 #: /ready fails when the feed has not answered for this long.
 READY_MAX_LAG_S = 5.0
@@ -108,7 +126,8 @@ class Daemon:
             ttl_ms=settings.cache_ttl * 1000,
             instance_timeout_ms=settings.instance_timeout * 1000,
         )
-        self.feed_name = f"changestream:{settings.mongo_database}"
+        self.feed_kind = settings.effective_feed
+        self.feed_name = f"{self.feed_kind}:{settings.mongo_database}"
         self._secrets = settings.secrets()
         self._db_limiter = trio.CapacityLimiter(settings.max_concurrent_sync + 2)
         self._write_limiter = trio.CapacityLimiter(settings.max_concurrent_sync)
@@ -121,18 +140,21 @@ class Daemon:
         self._safe_position: Any = None
         self._saved_position: Any = None
         self._reconciled = False
+        self._connected = False
         self._last_feed_ok: float | None = None
         self._pending_writes = 0
         self._work_scope: trio.CancelScope | None = None
         self.counts = {"written": 0, "conflicts": 0, "reaped": 0, "transitions": 0}
         self._store: Store | None = None
-        self._source: ChangeStreamSource | None = None
+        self._source: FeedSource | None = None
+        self._source_lag: Callable[[], float] = lambda: 0.0
 
     # -- health -------------------------------------------------------------------------
     def _lag(self) -> float | None:
+        """Seconds the feed is behind: since it last answered, or the oplog's own lag."""
         if self._last_feed_ok is None:
             return None
-        return max(0.0, trio.current_time() - self._last_feed_ok)
+        return max(0.0, trio.current_time() - self._last_feed_ok, self._source_lag())
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "instance": self.settings.instance_id, "version": __version__}
@@ -142,6 +164,8 @@ class Daemon:
         reason = None
         if self._outage.reason:
             reason = self._outage.reason
+        elif not self._connected:
+            reason = "connecting to MongoDB (no answer yet)"
         elif not self._reconciled:
             reason = "start-up reconciliation has not finished"
         elif lag is None or lag > READY_MAX_LAG_S:
@@ -150,7 +174,7 @@ class Daemon:
             "ready": reason is None,
             "instance": self.settings.instance_id,
             "version": __version__,
-            "feed": "changestream",
+            "feed": self.feed_kind,
             "lag_seconds": None if lag is None else round(lag, 3),
             "users_tracked": self.engine.stats().users_tracked,
             "pending_writes": self._pending_writes,
@@ -185,13 +209,21 @@ class Daemon:
                 connectTimeoutMS=5000,
                 socketTimeoutMS=30_000,
             )
+            oplog_client: MongoClient[dict[str, Any]] | None = None
+            if self.feed_kind == "oplog":
+                oplog_client = MongoClient(
+                    s.mongo_oplog_url, appname="presenced", serverSelectionTimeoutMS=5000,
+                    connectTimeoutMS=5000, socketTimeoutMS=30_000,
+                )
             try:
                 with trio.CancelScope() as self._work_scope:
-                    await self._work(client)
+                    await self._work(client, oplog_client)
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_GRACE_S):
                     await self._checkpoint()
                 await trio.to_thread.run_sync(client.close)
+                if oplog_client is not None:
+                    await trio.to_thread.run_sync(oplog_client.close)
                 outer.cancel_scope.cancel()
         logger.info("presenced stopped")
 
@@ -207,10 +239,17 @@ class Daemon:
                 return
 
     async def _db(
-        self, fn: Callable[..., T], *args: Any, limiter: trio.CapacityLimiter | None = None
+        self, fn: Callable[..., T], *args: Any, limiter: trio.CapacityLimiter | None = None,
+        abandon: bool = True,
     ) -> T:
+        """Run a blocking MongoDB call in a worker thread.
+
+        Reads are abandoned when cancelled (at shutdown their answer no longer matters, and
+        waiting for a 5 s server selection would break the 5 s shutdown promise); writes pass
+        ``abandon=False`` so a write in flight finishes and is accounted for.
+        """
         return await trio.to_thread.run_sync(
-            partial(fn, *args), limiter=limiter or self._db_limiter
+            partial(fn, *args), limiter=limiter or self._db_limiter, abandon_on_cancel=abandon
         )
 
     async def _retrying(self, component: str, fn: Callable[..., T], *args: Any) -> T:
@@ -227,22 +266,32 @@ class Daemon:
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
-    async def _work(self, client: MongoClient[dict[str, Any]]) -> None:
+    async def _work(
+        self, client: MongoClient[dict[str, Any]], oplog_client: MongoClient[dict[str, Any]] | None
+    ) -> None:
         s = self.settings
         names = CollectionNames(
             users=s.users_collection, sessions=s.sessions_collection,
             instances=s.instances_collection,
         )
         store = self._store = Store(client, s.mongo_database, names)
-        self._source = ChangeStreamSource(
-            client,
-            WatchedCollections(
-                s.mongo_database, users=s.users_collection, sessions=s.sessions_collection,
-                instances=s.instances_collection,
-            ),
-            max_await_ms=FEED_AWAIT_MS,
+        watched = WatchedCollections(
+            s.mongo_database, users=s.users_collection, sessions=s.sessions_collection,
+            instances=s.instances_collection,
         )
+        await self._require_replica_set(client, "MONGO_URL")
+        if oplog_client is not None:
+            from presenced.feed.oplog import OplogSource
+
+            await self._require_replica_set(oplog_client, "MONGO_OPLOG_URL")
+            oplog = OplogSource(oplog_client, watched, max_await_ms=FEED_AWAIT_MS)
+            self._source = oplog
+            self._source_lag = oplog.lag_seconds
+        else:
+            self._source = ChangeStreamSource(client, watched, max_await_ms=FEED_AWAIT_MS)
+        logger.info("feed: {}", self.feed_kind)
         await self._retrying("connect", store.ping)
+        self._connected = True
         await self._retrying("indexes", store.ensure_indexes)
         checkpoint = await self._retrying("checkpoint", store.load_checkpoint, self.feed_name)
         await self._open_feed(checkpoint["position"] if checkpoint else None)
@@ -253,6 +302,16 @@ class Daemon:
             nursery.start_soon(self._feed_loop)
             nursery.start_soon(self._timer_loop)
             nursery.start_soon(self._housekeeping_loop)
+
+    async def _require_replica_set(self, client: MongoClient[dict[str, Any]], setting: str) -> None:
+        hello = await self._retrying("connect", client.admin.command, "hello")
+        if not hello.get("setName"):
+            raise StartupProblem(
+                f"{setting} points at a MongoDB server that is not a replica-set member (its"
+                " hello has no setName). presenced needs a replica set: change streams and"
+                " the oplog exist only there. Point it at the replica set (add"
+                " ?replicaSet=NAME) or convert the server to a one-node replica set."
+            )
 
     async def _open_feed(self, token: Any) -> None:
         """Open the change stream at ``token`` (or now); history lost → from now."""
@@ -340,7 +399,7 @@ class Daemon:
         self._pending_writes += len(writes)
         try:
             outcome = await self._db(
-                self._store.write_statuses, request, limiter=self._write_limiter
+                self._store.write_statuses, request, limiter=self._write_limiter, abandon=False
             )
         except PyMongoError as exc:
             # Landed or not, we cannot tell: re-read these users once MongoDB answers.
@@ -524,7 +583,7 @@ class Daemon:
         if not requests:
             return
         try:
-            modified = await self._db(self._store.reap, list(requests.values()))
+            modified = await self._db(self._store.reap, list(requests.values()), abandon=False)
         except PyMongoError as exc:
             self.metrics.feed_errors.labels("reaper").inc()
             self._outage.failed("reaper", exc, self._secrets)
@@ -539,7 +598,7 @@ class Daemon:
         if self._store is None or position is None or position == self._saved_position:
             return
         try:
-            await self._db(self._store.save_checkpoint, self.feed_name, position)
+            await self._db(self._store.save_checkpoint, self.feed_name, position, abandon=False)
             self._saved_position = position
         except PyMongoError as exc:
             self.metrics.feed_errors.labels("checkpoint").inc()
