@@ -5,8 +5,10 @@ Public API (stable; tests and ``presenced demo`` use it)::
     with MongoEmulator() as url:             # url = "mongodb://127.0.0.1:PORT/?replicaSet=rs0"
         ...
 
-    emu = MongoEmulator(port=0, replica_set="rs0", oplog_size=100_000,
-                        ttl_monitor_interval=60.0, snapshot_path=None)
+    emu = MongoEmulator(port=0, replica_set="rs0",   # None: a standalone mongod
+                        oplog_size=100_000,
+                        ttl_monitor_interval=60.0, transaction_lifetime=60.0,
+                        snapshot_path=None)
     url = emu.start()      # binds 127.0.0.1:port (0 = a free port, kept across restarts)
     emu.stop()             # closes the listener and every client connection; data is kept
     emu.start()            # serves again on the same port with the same data
@@ -14,8 +16,9 @@ Public API (stable; tests and ``presenced demo`` use it)::
     emu.close()            # stop for good
     emu.port, emu.url
 
-Also a CLI: ``python -m presenced.testing.mongo --port 27017``, which prints
-``ready mongodb://127.0.0.1:PORT/?replicaSet=NAME`` as its first line on stdout.
+Also a CLI: ``python -m presenced.testing.mongo --port 27017 [--standalone]``, which
+prints ``ready mongodb://127.0.0.1:PORT/?replicaSet=NAME`` (standalone:
+``ready mongodb://127.0.0.1:PORT/``) as its first line on stdout.
 """
 
 from presenced.testing.mongo.emulator import MongoEmulator

@@ -1,7 +1,8 @@
 """``python -m presenced.testing.mongo``: run the emulator as a process.
 
-Prints ``ready mongodb://127.0.0.1:PORT/?replicaSet=NAME`` as its first line on stdout,
-then serves until SIGINT or SIGTERM (saving the snapshot, if one was named).
+Prints ``ready mongodb://127.0.0.1:PORT/?replicaSet=NAME`` (``ready
+mongodb://127.0.0.1:PORT/`` with ``--standalone``) as its first line on stdout, then serves
+until SIGINT or SIGTERM (saving the snapshot, if one was named).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     p.add_argument("--replica-set", default="rs0", help="replica set name (default rs0)")
+    p.add_argument("--standalone", action="store_true",
+                   help="behave as a standalone mongod (no replica set, oplog, change"
+                        " streams or transactions)")
     p.add_argument("--oplog-size", type=int, default=100_000,
                    help="oplog (and change stream history) size in entries")
     p.add_argument("--ttl-monitor-interval", type=float, default=60.0,
@@ -32,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ttl_monitor_interval <= 0:
         p.error("--ttl-monitor-interval must be > 0")
     emu = MongoEmulator(
-        args.port, host=args.host, replica_set=args.replica_set, oplog_size=args.oplog_size,
+        args.port, host=args.host,
+        replica_set=None if args.standalone else args.replica_set,
+        oplog_size=args.oplog_size,
         ttl_monitor_interval=args.ttl_monitor_interval, snapshot_path=args.snapshot,
     )
     try:

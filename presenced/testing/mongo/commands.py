@@ -1,8 +1,10 @@
 """Command handlers: MongoDB 7.0's commands, reply shapes and error codes.
 
 Owns: turning one decoded command into one reply document, under the store's lock
-(``Storage.lock``), so every command is atomic. Failpoints are applied by the server
-before a handler runs. Never touches sockets.
+(``Storage.lock``), so every command is atomic; and the session rules for ``txnNumber``,
+``autocommit: false`` / ``startTransaction`` (which transaction a command runs in) and
+``commitTransaction`` / ``abortTransaction``. Failpoints are applied by the server before
+a handler runs. Never touches sockets.
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from presenced.testing.mongo.cursors import (
     parse_change_stream_stage,
 )
 from presenced.testing.mongo.errors import CommandError
-from presenced.testing.mongo.storage import OPLOG_NS, Storage, WriteOutcome
+from presenced.testing.mongo.storage import (
+    OPLOG_NS,
+    TXN_ABORTED,
+    TXN_COMMITTED,
+    Storage,
+    Transaction,
+    WriteOutcome,
+)
 
 Document = dict[str, Any]
 
@@ -45,7 +54,7 @@ ELECTION_ID = ObjectId("7fffffff0000000000000001")
 class ServerIdentity:
     host: str
     port: int
-    replica_set: str
+    replica_set: str | None  # None: a standalone server
     started: float = field(default_factory=time.time)
     #: topologyVersion.processId: new at every start, as a restarted mongod's is.
     process_id: ObjectId = field(default_factory=ObjectId)
@@ -53,6 +62,38 @@ class ServerIdentity:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+@dataclass
+class SessionFields:
+    """The generic session fields of one command (the server strips them from it)."""
+
+    lsid: Document | None = None
+    txn_number: int | None = None
+    autocommit: Any = None  # None when absent
+    start_transaction: Any = None  # None when absent
+
+    @classmethod
+    def of(cls, raw: Mapping[str, Any]) -> SessionFields:
+        lsid = raw.get("lsid")
+        txn = raw.get("txnNumber")
+        return cls(
+            lsid=dict(lsid) if isinstance(lsid, Mapping) else None,
+            txn_number=int(txn) if isinstance(txn, int) and not isinstance(txn, bool) else None,
+            autocommit=raw.get("autocommit"),
+            start_transaction=raw.get("startTransaction"),
+        )
+
+    @property
+    def session_id(self) -> bytes | None:
+        if self.lsid is None:
+            return None
+        value = self.lsid.get("id")
+        return bytes(value) if isinstance(value, bytes) else None
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.autocommit is not None or self.start_transaction is not None
 
 
 @dataclass
@@ -126,6 +167,9 @@ def command_name(cmd: Mapping[str, Any]) -> str:
 
 
 def cluster_time_fields(storage: Storage) -> Document:
+    """``$clusterTime`` and ``operationTime`` for a reply (none from a standalone)."""
+    if not storage.replicated:
+        return {}
     ts = storage.operation_time
     return {
         "$clusterTime": {
@@ -136,22 +180,159 @@ def cluster_time_fields(storage: Storage) -> Document:
     }
 
 
-def run(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Document:
-    """Execute one command and return its reply (without cluster time fields)."""
+def run(
+    ctx: Context, conn: ConnectionInfo, db: str, cmd: Document,
+    session: SessionFields | None = None,
+) -> Document:
+    """Execute one command and return its reply (without cluster time fields).
+
+    ``session`` carries the command's lsid / txnNumber / autocommit / startTransaction.
+    """
     name = command_name(cmd)
+    storage = ctx.storage
+    session = session or SessionFields()
+    if session.txn_number is not None and not storage.replicated:
+        raise CommandError(
+            20, "Transaction numbers are only allowed on a replica set member or mongos"
+        )
+    if name in ("commitTransaction", "abortTransaction"):
+        storage.opcounters["command"] += 1
+        return _finish_transaction(ctx, db, name, session)
     handler = HANDLERS.get(name)
     if handler is None:
         raise CommandError(59, f"no such command: '{next(iter(cmd))}'")
-    if "startTransaction" in cmd or cmd.get("autocommit") is False:
-        raise CommandError(
-            115, "the MongoDB emulator does not support multi-document transactions"
-        )
+    txn = _transaction_for(storage, session) if session.in_transaction else None
+    if txn is None and session.txn_number is not None:
+        _retryable_write_number(storage, session)
     counter = {"find": "query", "getMore": "getmore"}.get(name)
     if counter:
-        ctx.storage.opcounters[counter] += 1
+        storage.opcounters[counter] += 1
     elif name not in ("insert", "update", "delete"):
-        ctx.storage.opcounters["command"] += 1
-    return handler(ctx, conn, db, cmd)
+        storage.opcounters["command"] += 1
+    if txn is None:
+        return handler(ctx, conn, db, cmd)
+    storage.active_txn = txn
+    try:
+        reply = handler(ctx, conn, db, cmd)
+    except Exception:
+        # MongoDB aborts a transaction when one of its statements fails.
+        storage.abort_transaction(txn)
+        raise
+    finally:
+        storage.active_txn = None
+    errors = reply.get("writeErrors")
+    if errors:
+        # In a transaction a write error fails the whole command and aborts it.
+        storage.abort_transaction(txn)
+        first = dict(errors[0])
+        raise CommandError(
+            int(first.pop("code", 2)), str(first.pop("errmsg", "write error")),
+            extra={k: v for k, v in first.items() if k != "index"},
+        )
+    return reply
+
+
+# -- transactions ----------------------------------------------------------------------
+def _no_such_transaction(number: int | None, why: str) -> CommandError:
+    return CommandError(
+        251, f"Transaction with {{ txnNumber: {number} }} {why}",
+        labels=["TransientTransactionError"],
+    )
+
+
+def _session_state_ids(session: SessionFields) -> tuple[bytes, int]:
+    sid = session.session_id
+    if sid is None:
+        raise CommandError(
+            50768, "Transaction numbers and autocommit may only be given with a session id"
+        )
+    if session.txn_number is None:
+        raise CommandError(
+            50768, "'autocommit' field requires a transaction number to also be specified"
+        )
+    return sid, session.txn_number
+
+
+def _transaction_for(storage: Storage, session: SessionFields) -> Transaction:
+    """The transaction a command with autocommit: false runs in (starting it if asked)."""
+    sid, number = _session_state_ids(session)
+    if session.autocommit is not False:
+        raise CommandError(50768, "Specifying autocommit=true is not allowed.")
+    if session.start_transaction is not None and session.start_transaction is not True:
+        raise CommandError(50768, "Specifying startTransaction=false is not allowed.")
+    state = storage.session(sid)
+    if state is not None and number < state.txn_number:
+        raise CommandError(
+            225, f"Cannot start transaction {number} on session because a newer transaction"
+                 f" {state.txn_number} has already started."
+        )
+    if session.start_transaction:
+        if state is not None and number == state.txn_number:
+            raise CommandError(
+                225, f"txnNumber {number} for this session has already been used"
+            )
+        new = storage.use_txn_number(sid, session.lsid or {}, number, start=True)
+        assert new.txn is not None
+        return new.txn
+    if state is None or number != state.txn_number or state.txn is None:
+        active = state.txn_number if state is not None else -1
+        raise CommandError(
+            251, f"Given transaction number {number} does not match any in-progress"
+                 f" transactions. The active transaction number is {active}",
+            labels=["TransientTransactionError"],
+        )
+    txn = state.txn
+    if txn.state == TXN_ABORTED:
+        raise _no_such_transaction(number, "has been aborted.")
+    if txn.state == TXN_COMMITTED:
+        raise CommandError(256, f"Transaction {number} has been committed.")
+    return txn
+
+
+def _retryable_write_number(storage: Storage, session: SessionFields) -> None:
+    """A txnNumber outside a transaction (a retryable write) newer than the session's
+    supersedes its transaction, which rolls back."""
+    sid = session.session_id
+    number = session.txn_number
+    if sid is None or number is None:
+        return
+    state = storage.session(sid)
+    if state is None or number > state.txn_number:
+        storage.use_txn_number(sid, session.lsid or {}, number, start=False)
+
+
+def _finish_transaction(
+    ctx: Context, db: str, name: str, session: SessionFields
+) -> Document:
+    if db != "admin":
+        raise CommandError(13, f"{name} may only be run against the admin database.")
+    storage = ctx.storage
+    sid, number = _session_state_ids(session)
+    state = storage.session(sid)
+    if state is not None and number < state.txn_number:
+        raise CommandError(
+            225, f"Cannot {name} of transaction {number} on session because a newer"
+                 f" transaction {state.txn_number} has already started."
+        )
+    if state is None or state.txn is None or state.txn_number != number:
+        active = state.txn_number if state is not None else -1
+        raise CommandError(
+            251, f"Given transaction number {number} does not match any in-progress"
+                 f" transactions. The active transaction number is {active}",
+            labels=["TransientTransactionError"],
+        )
+    txn = state.txn
+    if name == "commitTransaction":
+        if txn.state == TXN_ABORTED:
+            raise _no_such_transaction(number, "has been aborted.")
+        storage.commit_transaction(txn)  # again after a commit: ok, nothing more written
+        return {"ok": 1.0}
+    if txn.state == TXN_COMMITTED:
+        raise CommandError(256, f"Transaction {number} has been committed.")
+    if txn.state == TXN_ABORTED:
+        raise _no_such_transaction(number, "has been aborted.")
+    storage.abort_transaction(txn)
+    return {"ok": 1.0}
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -257,21 +438,26 @@ def hello_reply(ctx: Context, conn: ConnectionInfo, legacy: bool, cmd: Document)
         reply["helloOk"] = True
     reply["ismaster" if legacy else "isWritablePrimary"] = True
     reply["topologyVersion"] = {"processId": ident.process_id, "counter": Int64(0)}
+    if ident.replica_set is not None:
+        reply.update(
+            {
+                "hosts": [ident.address],
+                "setName": ident.replica_set,
+                "setVersion": 1,
+                "secondary": False,
+                "primary": ident.address,
+                "me": ident.address,
+                "electionId": ELECTION_ID,
+                "lastWrite": {
+                    "opTime": {"ts": ts, "t": Int64(1)},
+                    "lastWriteDate": now,
+                    "majorityOpTime": {"ts": ts, "t": Int64(1)},
+                    "majorityWriteDate": now,
+                },
+            }
+        )
     reply.update(
         {
-            "hosts": [ident.address],
-            "setName": ident.replica_set,
-            "setVersion": 1,
-            "secondary": False,
-            "primary": ident.address,
-            "me": ident.address,
-            "electionId": ELECTION_ID,
-            "lastWrite": {
-                "opTime": {"ts": ts, "t": Int64(1)},
-                "lastWriteDate": now,
-                "majorityOpTime": {"ts": ts, "t": Int64(1)},
-                "majorityWriteDate": now,
-            },
             "maxBsonObjectSize": MAX_BSON_SIZE,
             "maxMessageSizeBytes": MAX_MESSAGE_SIZE,
             "maxWriteBatchSize": MAX_WRITE_BATCH,
@@ -302,7 +488,27 @@ def _is_master(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Do
     return hello_reply(ctx, conn, True, cmd)
 
 
-@command("ping", "endSessions", "killAllSessions", "refreshSessions", "logout")
+@command("endSessions", "killSessions")
+def _end_sessions(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Document:
+    """Ending (or killing) a session rolls back its transaction in progress."""
+    ids = cmd.get(next(iter(cmd)))
+    if not isinstance(ids, list):
+        raise CommandError(14, f"BSON field '{next(iter(cmd))}' is the wrong type, expected"
+                               " array")
+    for lsid in ids:
+        value = lsid.get("id") if isinstance(lsid, Mapping) else None
+        if isinstance(value, bytes):
+            ctx.storage.end_session(bytes(value))
+    return {"ok": 1.0}
+
+
+@command("killAllSessions")
+def _kill_all_sessions(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Document:
+    ctx.storage.end_all_sessions()
+    return {"ok": 1.0}
+
+
+@command("ping", "refreshSessions", "logout")
 def _ok(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Document:
     return {"ok": 1.0}
 
@@ -342,7 +548,7 @@ def _get_parameter(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -
 def _server_status(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Document:
     ident = ctx.identity
     uptime = time.time() - ident.started
-    return {
+    reply: Document = {
         "host": ident.address,
         "version": VERSION,
         "process": "mongod",
@@ -353,7 +559,9 @@ def _server_status(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -
         "localTime": ctx.storage.now(),
         "connections": ctx.connection_stats(),
         "opcounters": {k: Int64(v) for k, v in ctx.storage.opcounters.items()},
-        "repl": {
+    }
+    if ident.replica_set is not None:
+        reply["repl"] = {
             "setName": ident.replica_set,
             "setVersion": 1,
             "isWritablePrimary": True,
@@ -362,10 +570,10 @@ def _server_status(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -
             "primary": ident.address,
             "me": ident.address,
             "electionId": ELECTION_ID,
-        },
-        "metrics": {"cursor": {"open": {"total": Int64(len(ctx.cursors))}}},
-        "ok": 1.0,
-    }
+        }
+    reply["metrics"] = {"cursor": {"open": {"total": Int64(len(ctx.cursors))}}}
+    reply["ok"] = 1.0
+    return reply
 
 
 @command("replSetGetStatus")
@@ -373,6 +581,8 @@ def _repl_status(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> 
     if db != "admin":
         raise CommandError(13, "replSetGetStatus may only be run against the admin database.")
     ident = ctx.identity
+    if ident.replica_set is None:
+        raise CommandError(76, "not running with --replSet")
     ts = ctx.storage.operation_time
     return {
         "set": ident.replica_set,
@@ -483,7 +693,7 @@ def _create(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Docum
 @command("drop")
 def _drop(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Document:
     coll = _coll_name(cmd, "drop")
-    if (db, coll) == OPLOG_NS:
+    if (db, coll) == OPLOG_NS and ctx.storage.replicated:
         raise CommandError(20, "can't drop live oplog while replicating")
     info = ctx.storage.info(db, coll)
     n = len(ctx.storage.list_indexes(db, coll)) if info else 0
@@ -496,7 +706,7 @@ def _drop(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Documen
 
 @command("dropDatabase")
 def _drop_database(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Document:
-    if db == "local":
+    if db == "local" and ctx.storage.replicated:
         raise CommandError(20, "Cannot drop 'local' database while replication is active")
     ctx.storage.drop_database(db)
     return {"dropped": db, "ok": 1.0}
@@ -532,7 +742,7 @@ def _create_indexes(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) 
 @command("listIndexes")
 def _list_indexes(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Document:
     coll = _coll_name(cmd, "listIndexes")
-    if (db, coll) == OPLOG_NS:
+    if (db, coll) == OPLOG_NS and ctx.storage.replicated:
         return _list_result(ctx, f"{db}.{coll}", [], cmd)
     return _list_result(ctx, f"{db}.{coll}", ctx.storage.list_indexes(db, coll), cmd)
 
@@ -665,7 +875,7 @@ def _find(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Documen
     tailable = bool(cmd.get("tailable", False))
     await_data = bool(cmd.get("awaitData", False))
     storage = ctx.storage
-    if (db, coll) == OPLOG_NS:
+    if (db, coll) == OPLOG_NS and storage.replicated:
         if tailable and sort and sort != [("$natural", 1)]:
             raise CommandError(2, "cannot use tailable option with a sort other than {$natural: 1}")
         cursor: Cursor = OplogCursor(
@@ -722,7 +932,7 @@ def _count(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Docume
     flt = cmd.get("query") or {}
     skip = _opt_int(cmd, "skip", 0) or 0
     limit = abs(_opt_int(cmd, "limit", 0) or 0)
-    if (db, coll) == OPLOG_NS:
+    if (db, coll) == OPLOG_NS and ctx.storage.replicated:
         n = sum(1 for r in ctx.storage.oplog.records_from(0) if filter_applies(flt, r.entry))
     elif not flt:
         n = ctx.storage.count(db, coll)
@@ -761,6 +971,12 @@ def _aggregate(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Do
                               " the explain argument")
     batch_size = _opt_int(spec, "batchSize")
     if pipeline and isinstance(pipeline[0], Mapping) and "$changeStream" in pipeline[0]:
+        if not ctx.storage.replicated:
+            raise CommandError(40573, "The $changeStream stage is only supported on replica"
+                                      " sets")
+        if ctx.storage.active_txn is not None:
+            raise CommandError(263, "Operation not permitted in transaction :: caused by ::"
+                                    " $changeStream")
         return _change_stream(ctx, db, target, pipeline, batch_size)
     for stage in pipeline[1:]:
         if isinstance(stage, Mapping) and "$changeStream" in stage:
@@ -771,7 +987,7 @@ def _aggregate(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Do
                                 " $changeStream")
     if not isinstance(target, str):
         raise CommandError(14, "aggregate target must be a collection name or 1")
-    if (db, target) == OPLOG_NS:
+    if (db, target) == OPLOG_NS and ctx.storage.replicated:
         docs = [dict(r.entry) for r in ctx.storage.oplog.records_from(0)]
         result = ctx.storage.apply_pipeline(db, docs, pipeline)
     else:

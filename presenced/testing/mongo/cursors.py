@@ -2,8 +2,10 @@
 
 Owns: what a cursor remembers between ``getMore`` calls, how a batch is cut, how an
 awaitData cursor waits (on the store's condition variable, never by polling), resume
-tokens, and how oplog records become change events. Called with ``Storage.lock`` held;
-``wait`` releases it while sleeping. Never touches sockets.
+tokens, and how oplog records become change events (a transaction's ``applyOps`` record
+becomes one event per inner operation, all at the record's clusterTime, each with
+``lsid``/``txnNumber`` and a resume token of its own: the operation's index). Called
+with ``Storage.lock`` held; ``wait`` releases it while sleeping. Never touches sockets.
 """
 
 from __future__ import annotations
@@ -347,8 +349,10 @@ class ChangeStreamCursor(Cursor):
         out: list[tuple[int, int, Document]] = []
         if op == "n":
             return []
-        db, _, coll = e["ns"].partition(".")
+        db = e["ns"].partition(".")[0]
         base = {"clusterTime": rec.ts, "wallTime": e["wall"]}
+        if op == "c" and isinstance(e["o"].get("applyOps"), list):
+            return self._transaction_events(storage, rec, base)
         if op == "c":
             o = e["o"]
             if "drop" in o and self.scope.matches(db, o["drop"]):
@@ -362,8 +366,48 @@ class ChangeStreamCursor(Cursor):
                 if self.scope.db is not None:
                     out.append((TOKEN_INVALIDATE, 1, {"operationType": "invalidate", **base}))
             return [(TokenPosition(rec.ts, i, k), ev) for k, i, ev in out]
+        ev = self._crud_event(storage, rec, e, base, rec.pre, rec.post)
+        return [] if ev is None else [(TokenPosition(rec.ts, 0, TOKEN_EVENT), ev)]
+
+    def _transaction_events(
+        self, storage: Storage, rec: OplogRecord, base: Document
+    ) -> list[tuple[TokenPosition, Document]]:
+        """One event per CRUD operation of an applyOps record (nested ones included),
+        token index = the operation's position in the flattened list."""
+        e = rec.entry
+        ops = _flatten_apply_ops(e["o"]["applyOps"])
+        pres = rec.pre if isinstance(rec.pre, list) and len(rec.pre) == len(ops) else None
+        posts = rec.post if isinstance(rec.post, list) and len(rec.post) == len(ops) else None
+        session: Document = {}
+        if "lsid" in e:
+            session["lsid"] = e["lsid"]
+        if "txnNumber" in e:
+            session["txnNumber"] = e["txnNumber"]
+        out: list[tuple[TokenPosition, Document]] = []
+        for index, inner in enumerate(ops):
+            ev = self._crud_event(
+                storage, rec, inner, base,
+                pres[index] if pres is not None else None,
+                posts[index] if posts is not None else None,
+            )
+            if ev is not None:
+                ev.update(session)
+                out.append((TokenPosition(rec.ts, index, TOKEN_EVENT), ev))
+        return out
+
+    def _crud_event(
+        self, storage: Storage, rec: OplogRecord, e: Mapping[str, Any], base: Document,
+        pre: Any, post: Any,
+    ) -> Document | None:
+        """The insert/update/replace/delete event of one CRUD oplog entry, or None when
+        the entry is out of this stream's scope (or not a CRUD entry)."""
+        op = e.get("op")
+        ns_str = e.get("ns")
+        if op not in ("i", "u", "d") or not isinstance(ns_str, str):
+            return None
+        db, _, coll = ns_str.partition(".")
         if not self.scope.matches(db, coll):
-            return []
+            return None
         ns = {"db": db, "coll": coll}
         if op == "i":
             doc = e["o"]
@@ -371,26 +415,24 @@ class ChangeStreamCursor(Cursor):
                             "documentKey": {"_id": doc["_id"]}}
         elif op == "d":
             ev = {"operationType": "delete", **base, "ns": ns, "documentKey": dict(e["o"])}
-        elif op == "u" and e["o"].get("$v") == 2 and "diff" in e["o"]:
+        elif e["o"].get("$v") == 2 and "diff" in e["o"]:
             ev = {"operationType": "update", **base, "ns": ns, "documentKey": dict(e["o2"]),
                   "updateDescription": update_description(e["o"]["diff"])}
             mode = self.opts.full_document
             if mode == "updateLookup":
                 ev["fullDocument"] = storage.get_document(db, coll, e["o2"]["_id"])
             elif mode in ("whenAvailable", "required"):
-                if rec.post is None and mode == "required":
+                if post is None and mode == "required":
                     raise _no_image("post", rec)
-                ev["fullDocument"] = rec.post
-        elif op == "u":
+                ev["fullDocument"] = post
+        else:
             ev = {"operationType": "replace", **base, "fullDocument": e["o"], "ns": ns,
                   "documentKey": dict(e["o2"])}
-        else:
-            return []
         if op in ("u", "d") and self.opts.before_change != "off":
-            if rec.pre is None and self.opts.before_change == "required":
+            if pre is None and self.opts.before_change == "required":
                 raise _no_image("pre", rec)
-            ev["fullDocumentBeforeChange"] = rec.pre
-        return [(TokenPosition(rec.ts, 0, TOKEN_EVENT), ev)]
+            ev["fullDocumentBeforeChange"] = pre
+        return ev
 
     def _produce(self, storage: Storage, limit: int | None) -> list[Document]:
         batch: list[Document] = []
@@ -453,6 +495,23 @@ class ChangeStreamCursor(Cursor):
             batch = self._produce(storage, batch_size)
             if batch or self.exhausted or not _wait(storage, deadline, stopping):
                 return batch
+
+
+def _flatten_apply_ops(ops: list[Any]) -> list[Mapping[str, Any]]:
+    """The operations of an applyOps array, an inner ``{op: "c", o: {applyOps: [...]}}``
+    replaced by its own operations, recursively."""
+    out: list[Mapping[str, Any]] = []
+    for inner in ops:
+        if not isinstance(inner, Mapping):
+            continue
+        o = inner.get("o")
+        if inner.get("op") == "c" and isinstance(o, Mapping) and isinstance(
+            o.get("applyOps"), list
+        ):
+            out.extend(_flatten_apply_ops(o["applyOps"]))
+        else:
+            out.append(inner)
+    return out
 
 
 def _history_lost() -> CommandError:

@@ -1,7 +1,9 @@
 """MongoEmulator: start, stop and restart the emulated replica set from Python.
 
 Owns: the lifetime of one emulated server (its storage survives stop/start, and is
-saved to / loaded from a snapshot file when one is given). Never used by the daemon.
+saved to / loaded from a snapshot file when one is given), and whether it is a one-node
+replica set (the default) or, with ``replica_set=None``, a standalone mongod (no oplog,
+no change streams, no transactions, no cluster time). Never used by the daemon.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class MongoEmulator:
     """An emulated one-node replica set on 127.0.0.1, served from threads in this process.
 
     ``with MongoEmulator() as url:`` starts it and yields its connection string.
+    ``replica_set=None`` makes it a standalone server instead (url without replicaSet).
     """
 
     def __init__(
@@ -28,26 +31,29 @@ class MongoEmulator:
         port: int = 0,
         *,
         host: str = "127.0.0.1",
-        replica_set: str = "rs0",
+        replica_set: str | None = "rs0",
         oplog_size: int = 100_000,
         ttl_monitor_interval: float = 60.0,
         noop_interval: float | None = 10.0,
         cursor_timeout: float = 600.0,
+        transaction_lifetime: float = 60.0,
         snapshot_path: str | os.PathLike[str] | None = None,
     ) -> None:
         if ttl_monitor_interval <= 0:
             raise ValueError("ttl_monitor_interval must be > 0 seconds")
+        if transaction_lifetime <= 0:
+            raise ValueError("transaction_lifetime must be > 0 seconds")
         self.host = host
         self.replica_set = replica_set
         self.snapshot_path = Path(snapshot_path) if snapshot_path is not None else None
-        self.storage = Storage(oplog_size)
+        self.storage = Storage(oplog_size, replicated=replica_set is not None)
         if self.snapshot_path is not None and self.snapshot_path.exists():
             with self.snapshot_path.open("rb") as f:
                 self.storage.load(pickle.load(f))
         self._server = MongoServer(
             self.storage, host=host, port=port, replica_set=replica_set,
             ttl_monitor_interval=ttl_monitor_interval, noop_interval=noop_interval,
-            cursor_timeout=cursor_timeout,
+            cursor_timeout=cursor_timeout, transaction_lifetime=transaction_lifetime,
         )
         self.running = False
 
@@ -57,6 +63,8 @@ class MongoEmulator:
 
     @property
     def url(self) -> str:
+        if self.replica_set is None:
+            return f"mongodb://{self.host}:{self.port}/"
         return f"mongodb://{self.host}:{self.port}/?replicaSet={self.replica_set}"
 
     def start(self) -> str:

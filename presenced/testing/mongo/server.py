@@ -1,9 +1,10 @@
 """The emulator's TCP server: connections, framing, failpoints, dispatch.
 
 Owns: the listening socket, one thread per client connection, the housekeeping thread
-(TTL monitor, idle cursor reaper, periodic no-op), applying ``failCommand`` before a
-command runs, and wrapping replies in OP_MSG / OP_REPLY with cluster time. A malformed
-message closes only the connection that sent it. Never interprets a command itself.
+(TTL monitor, idle cursor reaper, transaction lifetime limit, periodic no-op), applying
+``failCommand`` before a command runs, and wrapping replies in OP_MSG / OP_REPLY with
+cluster time (none from a standalone). A malformed message closes only the connection
+that sent it. Never interprets a command itself.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ import traceback
 from typing import Any
 
 from presenced.testing.mongo import commands, wire
-from presenced.testing.mongo.commands import ConnectionInfo, Context, FailPoint, ServerIdentity
+from presenced.testing.mongo.commands import (
+    ConnectionInfo,
+    Context,
+    FailPoint,
+    ServerIdentity,
+    SessionFields,
+)
 from presenced.testing.mongo.cursors import CursorRegistry
 from presenced.testing.mongo.errors import CommandError
 from presenced.testing.mongo.storage import Storage
@@ -27,7 +34,8 @@ from presenced.testing.mongo.storage import Storage
 GENERIC_FIELDS = frozenset(
     {"$db", "lsid", "txnNumber", "$clusterTime", "$readPreference", "readConcern",
      "writeConcern", "apiVersion", "apiStrict", "apiDeprecationErrors", "comment",
-     "$audit", "mayBypassWriteBlocking", "$client", "$configServerState"}
+     "$audit", "mayBypassWriteBlocking", "$client", "$configServerState", "autocommit",
+     "startTransaction"}
 )
 
 
@@ -38,10 +46,11 @@ class MongoServer:
         *,
         host: str,
         port: int,
-        replica_set: str,
+        replica_set: str | None,
         ttl_monitor_interval: float,
         noop_interval: float | None,
         cursor_timeout: float,
+        transaction_lifetime: float = 60.0,
     ) -> None:
         self.storage = storage
         self.host = host
@@ -50,6 +59,8 @@ class MongoServer:
         self.ttl_monitor_interval = ttl_monitor_interval
         self.noop_interval = noop_interval
         self.cursors = CursorRegistry(cursor_timeout)
+        #: transactionLifetimeLimitSeconds: an older transaction in progress is aborted.
+        self.transaction_lifetime = transaction_lifetime
         self.fail_point = FailPoint()
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
@@ -103,6 +114,8 @@ class MongoServer:
             self.storage.changed.notify_all()
             # A real restart loses every cursor; getMore then answers CursorNotFound.
             self.cursors.clear()
+            # ... and every transaction in progress: their writes were never committed.
+            self.storage.end_all_sessions()
         for t in self._threads:
             t.join(timeout=5)
         self._threads = []
@@ -137,8 +150,12 @@ class MongoServer:
         next_ttl = time.monotonic() + self.ttl_monitor_interval
         next_noop = time.monotonic() + (self.noop_interval or 0)
         next_cursor = time.monotonic() + 60
+        txn_period = max(0.1, min(5.0, self.transaction_lifetime / 4))
+        next_txn = time.monotonic() + txn_period
         while True:
-            deadlines = [next_ttl, next_cursor] + ([next_noop] if self.noop_interval else [])
+            deadlines = [next_ttl, next_cursor, next_txn]
+            if self.noop_interval:
+                deadlines.append(next_noop)
             if self._stopping.wait(max(0.0, min(deadlines) - time.monotonic())):
                 return
             now = time.monotonic()
@@ -150,6 +167,9 @@ class MongoServer:
                     if now >= next_cursor:
                         self.cursors.expire_idle()
                         next_cursor = now + 60
+                    if now >= next_txn:
+                        self.storage.expire_transactions(self.transaction_lifetime)
+                        next_txn = now + txn_period
                     if self.noop_interval and now >= next_noop:
                         self.storage.noop()
                         next_noop = now + self.noop_interval
@@ -218,6 +238,7 @@ class MongoServer:
         self, db: str, raw: dict[str, Any], conn: ConnectionInfo
     ) -> dict[str, Any] | object:
         cmd = {k: v for k, v in raw.items() if k not in GENERIC_FIELDS}
+        session = SessionFields.of(raw)
         storage = self.storage
         try:
             name = commands.command_name(cmd)
@@ -245,12 +266,12 @@ class MongoServer:
                         )
                     if "writeConcernError" in fired:
                         with storage.lock:
-                            reply = commands.run(self.context, conn, db, cmd)
+                            reply = commands.run(self.context, conn, db, cmd, session)
                             reply["writeConcernError"] = fired["writeConcernError"]
                             reply.update(commands.cluster_time_fields(storage))
                         return reply
             with storage.lock:
-                reply = commands.run(self.context, conn, db, cmd)
+                reply = commands.run(self.context, conn, db, cmd, session)
                 if retry_key is not None:
                     self._remember_retry(retry_key, reply)
                 reply.update(commands.cluster_time_fields(storage))
@@ -287,6 +308,8 @@ class MongoServer:
         txn = raw.get("txnNumber")
         if name not in self._RETRYABLE or not isinstance(lsid, dict) or txn is None:
             return None
+        if "autocommit" in raw or "startTransaction" in raw:
+            return None  # a statement of a transaction: every one shares the txnNumber
         try:
             return (bytes(lsid.get("id", b"")), int(txn), name)
         except (TypeError, ValueError):

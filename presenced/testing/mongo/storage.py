@@ -2,10 +2,13 @@
 
 Owns: every document the emulator holds, the catalog (which collections exist, their
 UUIDs and options), the logical clock, the oplog (one entry per write, MongoDB's
-format) and the opcounters. mongomock-ng is the query and update engine underneath;
-this module adds what it lacks: O(1) access by ``_id``, capture of each write's
-before/after images (turned into oplog entries with ``$v: 2`` diffs), a TTL monitor that
-runs on a period like MongoDB's instead of on every read, and a catalog.
+format), the opcounters, and multi-document transactions (per-session state; a
+transaction's writes are applied at once but logged as one ``applyOps`` entry at commit,
+and its first before-images let an abort put every touched document back).
+mongomock-ng is the query and update engine underneath; this module adds what it lacks:
+O(1) access by ``_id``, capture of each write's before/after images (turned into oplog
+entries with ``$v: 2`` diffs), a TTL monitor that runs on a period like MongoDB's instead
+of on every read, and a catalog.
 
 It must never touch sockets or know the wire protocol. Every public method is called
 with ``Storage.lock`` held by the caller (the command layer takes it once per command),
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mongomock_ng
-from bson import MaxKey, MinKey, Timestamp
+from bson import Int64, MaxKey, MinKey, Timestamp
 from bson.binary import Binary, UuidRepresentation
 from mongomock_ng import collection as mm_collection
 from mongomock_ng import database as mm_database
@@ -333,9 +336,10 @@ class OplogRecord:
     seq: int
     ts: Timestamp
     entry: Document
-    #: Images kept only for collections with changeStreamPreAndPostImages enabled.
-    pre: Document | None = None
-    post: Document | None = None
+    #: Images kept only for collections with changeStreamPreAndPostImages enabled. For a
+    #: transaction's applyOps entry: one image (or None) per inner operation, in order.
+    pre: Any = None
+    post: Any = None
 
 
 class Oplog:
@@ -445,6 +449,39 @@ class WriteOutcome:
     value: Any = None  # findAndModify's document
 
 
+TXN_IN_PROGRESS, TXN_COMMITTED, TXN_ABORTED = "inProgress", "committed", "aborted"
+
+
+@dataclass
+class Transaction:
+    """One multi-document transaction: (session id, txnNumber).
+
+    Its writes are applied to the store as they run; ``entries`` holds the oplog entries
+    they would have written (without ts/t/v/wall) and ``before`` the first before-image
+    of every document they changed, keyed by (db, coll, collection uuid, store key) in
+    touch order, so that an abort can put each one back.
+    """
+
+    lsid: Document
+    txn_number: int
+    state: str = TXN_IN_PROGRESS
+    entries: list[tuple[Document, Any, Any]] = field(default_factory=list)
+    before: dict[tuple[str, str, bytes, Any], Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class SessionState:
+    """The newest txnNumber a session used, and its transaction if it started one."""
+
+    txn_number: int
+    txn: Transaction | None = None
+
+
+#: How many idle sessions' states are kept (MongoDB keeps them for 30 minutes).
+MAX_SESSIONS = 10_000
+
+
 def validate_collection_name(name: Any) -> str:
     if not isinstance(name, str) or not name:
         raise CommandError(73, f"Invalid namespace specified: collection name {name!r}")
@@ -462,7 +499,12 @@ def validate_database_name(name: Any) -> str:
 
 
 class Storage:
-    def __init__(self, oplog_size: int = 100_000, wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, oplog_size: int = 100_000, wall: Callable[[], float] = time.time, *,
+        replicated: bool = True,
+    ) -> None:
+        #: False for a standalone server: nothing is written to the oplog.
+        self.replicated = replicated
         self.lock = threading.RLock()
         #: Notified (with lock held) after every write: awaitData cursors wait on it.
         self.changed = threading.Condition(self.lock)
@@ -475,6 +517,9 @@ class Storage:
         )
         self._mm: Any = mongomock_ng.MongoClient()
         self._index_extra: dict[tuple[str, str, str], Document] = {}
+        #: Sessions that used a txnNumber, by lsid id bytes (oldest first).
+        self.sessions: dict[bytes, SessionState] = {}
+        self._local = threading.local()
 
     # -- time ------------------------------------------------------------------------
     def now(self) -> dt.datetime:
@@ -495,7 +540,7 @@ class Storage:
 
     def collections(self, db: str) -> dict[str, CollectionInfo]:
         colls = dict(self.catalog.get(db, {}))
-        if db == "local":
+        if db == "local" and self.replicated:
             colls.setdefault(
                 "oplog.rs",
                 CollectionInfo(_OPLOG_UUID, {"capped": True, "size": self.oplog.max_entries}),
@@ -847,6 +892,102 @@ class Storage:
             return 0
         return len(self._mm[db][coll]._store._documents)
 
+    # -- transactions ----------------------------------------------------------------
+    @property
+    def active_txn(self) -> Transaction | None:
+        """The transaction the current thread's command runs in (writes are collected)."""
+        txn: Transaction | None = getattr(self._local, "txn", None)
+        return txn
+
+    @active_txn.setter
+    def active_txn(self, txn: Transaction | None) -> None:
+        self._local.txn = txn
+
+    def session(self, sid: bytes) -> SessionState | None:
+        return self.sessions.get(sid)
+
+    def use_txn_number(self, sid: bytes, lsid: Document, txn_number: int,
+                       start: bool) -> SessionState:
+        """The session moves to ``txn_number`` (it is newer than the one it had): an
+        in-progress transaction of the older number rolls back. ``start`` begins a
+        transaction with that number."""
+        state = self.sessions.pop(sid, None)
+        if state is not None and state.txn is not None:
+            self.abort_transaction(state.txn)
+        state = SessionState(txn_number, Transaction(dict(lsid), txn_number) if start else None)
+        self.sessions[sid] = state  # newest last
+        if len(self.sessions) > MAX_SESSIONS:
+            for old in list(self.sessions)[: len(self.sessions) - MAX_SESSIONS]:
+                old_state = self.sessions[old]
+                if old_state.txn is None or old_state.txn.state != TXN_IN_PROGRESS:
+                    del self.sessions[old]
+        return state
+
+    def end_session(self, sid: bytes) -> None:
+        """A session ends: its in-progress transaction rolls back."""
+        state = self.sessions.pop(sid, None)
+        if state is not None and state.txn is not None:
+            self.abort_transaction(state.txn)
+
+    def end_all_sessions(self) -> None:
+        for sid in list(self.sessions):
+            self.end_session(sid)
+
+    def expire_transactions(self, lifetime_s: float) -> int:
+        """Abort transactions older than ``lifetime_s`` (transactionLifetimeLimitSeconds)."""
+        limit = time.monotonic() - lifetime_s
+        n = 0
+        for state in self.sessions.values():
+            txn = state.txn
+            if txn is not None and txn.state == TXN_IN_PROGRESS and txn.started < limit:
+                self.abort_transaction(txn)
+                n += 1
+        return n
+
+    def commit_transaction(self, txn: Transaction) -> None:
+        """Write the transaction's one ``applyOps`` oplog entry (none if it wrote nothing).
+        Committing a committed transaction again does nothing (commit is retryable)."""
+        if txn.state != TXN_IN_PROGRESS:
+            return
+        txn.state = TXN_COMMITTED
+        if txn.entries:
+            ops = [entry for entry, _pre, _post in txn.entries]
+            entry: Document = {
+                "lsid": copy.deepcopy(txn.lsid),
+                "txnNumber": Int64(txn.txn_number),
+                "op": "c",
+                "ns": "admin.$cmd",
+                "o": {"applyOps": ops},
+            }
+            pres = [pre for _e, pre, _p in txn.entries]
+            posts = [post for _e, _p, post in txn.entries]
+            self._append(
+                entry,
+                pre=pres if any(p is not None for p in pres) else None,
+                post=posts if any(p is not None for p in posts) else None,
+                tail={"prevOpTime": {"ts": Timestamp(0, 0), "t": Int64(-1)}},
+            )
+        txn.entries = []
+        txn.before = {}
+
+    def abort_transaction(self, txn: Transaction) -> None:
+        """Put every document the transaction changed back as it was before its first
+        write (reinsert deleted, delete inserted, restore updated); no oplog entry."""
+        if txn.state != TXN_IN_PROGRESS:
+            return
+        txn.state = TXN_ABORTED
+        for (db, coll, ui, key), before in reversed(list(txn.before.items())):
+            info = self.info(db, coll)
+            if info is None or bytes(info.uuid) != ui:
+                continue  # the collection was dropped since: nothing to restore into
+            documents: Any = self._mm[db][coll]._store._documents
+            if before is _MISSING:
+                documents.pop(key, None)
+            else:
+                documents[key] = before
+        txn.entries = []
+        txn.before = {}
+
     # -- snapshot --------------------------------------------------------------------
     def dump(self) -> dict[str, Any]:
         data: dict[str, Any] = {"catalog": {}, "oplog": self.oplog.dump(),
@@ -922,11 +1063,14 @@ class Storage:
                 entry = {"op": "u", "ns": ns, "ui": info.uuid, "o": o,
                          "o2": {"_id": after["_id"]}}
                 kind = "u"
-            self._append(
-                entry,
-                pre=copy.deepcopy(before) if images and before is not _MISSING else None,
-                post=copy.deepcopy(after) if images and after is not None else None,
-            )
+            pre = copy.deepcopy(before) if images and before is not _MISSING else None
+            post = copy.deepcopy(after) if images and after is not None else None
+            txn = self.active_txn
+            if txn is not None:
+                txn.before.setdefault((db, coll, bytes(info.uuid), key), before)
+                txn.entries.append((entry, pre, post))
+            else:
+                self._append(entry, pre=pre, post=post)
             done.append((after["_id"] if after is not None else before["_id"], kind))
         return done
 
@@ -937,16 +1081,26 @@ class Storage:
         entry["o"] = o
         self._append(entry)
 
+    def append_oplog_entry(self, entry: Document) -> None:
+        """Append a raw oplog entry (``op``, ``ns``, ``o``...; ts/t/v/wall are added), as
+        an ``applyOps`` from elsewhere would: for tests of oplog readers."""
+        self._append(dict(entry))
+
     def noop(self, msg: str = "periodic noop") -> None:
         self._append({"op": "n", "ns": "", "o": {"msg": msg}})
 
-    def _append(self, entry: Document, pre: Any = None, post: Any = None) -> None:
+    def _append(
+        self, entry: Document, pre: Any = None, post: Any = None, tail: Document | None = None
+    ) -> None:
         ts = self.clock.tick()
         entry["ts"] = ts
         entry["t"] = 1
         entry["v"] = 2
         entry["wall"] = self.now()
-        self.oplog.append(ts, entry, pre, post)
+        if tail:
+            entry.update(tail)
+        if self.replicated:
+            self.oplog.append(ts, entry, pre, post)
         self.changed.notify_all()
 
     def _enforce_capped(self, db: str, coll: str) -> None:
@@ -986,5 +1140,6 @@ def mm_aggregate_process(docs: list[Document], database: Any, pipeline: list[Doc
 
 
 __all__ = [
-    "CollectionInfo", "Oplog", "OplogRecord", "Storage", "UuidRepresentation", "WriteOutcome",
+    "CollectionInfo", "Oplog", "OplogRecord", "SessionState", "Storage", "Transaction",
+    "UuidRepresentation", "WriteOutcome",
 ]
