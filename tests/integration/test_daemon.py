@@ -45,14 +45,26 @@ OFFLINE = ("offline", "offline")
 Factory = Callable[..., DaemonProcess]
 
 
+@pytest.fixture(params=["changestream", "oplog"])
+def feed(request: pytest.FixtureRequest) -> str:
+    """Every daemon test runs against both feeds, with the same expectations."""
+    return str(request.param)
+
+
 @pytest.fixture
-def daemon(tmp_path: Path, mongo_url: str, db: Db) -> Iterator[Factory]:
+def daemon(tmp_path: Path, mongo_url: str, db: Db, feed: str) -> Iterator[Factory]:
     """``daemon(**settings)`` makes a (not yet started) DaemonProcess on the test's
-    database; every one made is stopped, and its output printed, at teardown."""
+    database, following the ``feed`` parameter (FEED=oplog reads the same server's
+    ``local`` database); every one made is stopped, and its output printed, at teardown."""
     made: list[DaemonProcess] = []
+    feed_settings = {"FEED": feed}
+    if feed == "oplog":
+        feed_settings["MONGO_OPLOG_URL"] = with_database(mongo_url, "local")
 
     def make(**settings: str) -> DaemonProcess:
-        d = DaemonProcess(tmp_path, with_database(mongo_url, db.name), **settings)
+        d = DaemonProcess(
+            tmp_path, with_database(mongo_url, db.name), **{**feed_settings, **settings}
+        )
         made.append(d)
         return d
 
@@ -385,7 +397,7 @@ def _bookkeeping_writes(db: Db, start: Timestamp, end: Timestamp) -> int:
 # --------------------------------------------------------------------- HTTP, signals, settings
 
 
-def test_ready_reports_its_state_as_json(daemon: Factory) -> None:
+def test_ready_reports_its_state_as_json(daemon: Factory, feed: str) -> None:
     d = daemon(INSTANCE_ID="presenced-e2e-1").start()
     answer = d.ready()
     assert answer is not None
@@ -393,7 +405,7 @@ def test_ready_reports_its_state_as_json(daemon: Factory) -> None:
     assert status == 200
     assert body["instance"] == "presenced-e2e-1"
     assert body["version"] == __version__
-    assert body["feed"] == "changestream"  # no MONGO_OPLOG_URL: FEED=auto picks change streams
+    assert body["feed"] == feed
     lag = body["lag_seconds"]
     assert isinstance(lag, int | float) and lag >= 0
     for name in ("users_tracked", "pending_writes"):
