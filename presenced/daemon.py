@@ -141,6 +141,7 @@ class Daemon:
         self._saved_position: Any = None
         self._reconciled = False
         self._connected = False
+        self._behind = False
         self._last_feed_ok: float | None = None
         self._pending_writes = 0
         self._work_scope: trio.CancelScope | None = None
@@ -460,11 +461,22 @@ class Daemon:
                 continue
             self._outage.succeeded()
             self._last_feed_ok = trio.current_time()
+            self._log_lag(self._source_lag())
             if keys:
                 await self._apply(keys)
             # Every write caused by the keys before this position has landed (or its users
             # are queued for a re-read), so the position is safe to checkpoint.
             self._safe_position = position
+
+    def _log_lag(self, lag: float) -> None:
+        """Say once when the feed falls behind (entries pending older than the /ready
+        limit), and once when it has caught up."""
+        if lag > READY_MAX_LAG_S and not self._behind:
+            self._behind = True
+            logger.warning("feed is {:.1f} s behind MongoDB's writes", lag)
+        elif lag <= 1.0 and self._behind:
+            self._behind = False
+            logger.info("feed caught up")
 
     async def _apply(self, keys: Sequence[Key]) -> None:
         user_ids: list[Any] = []

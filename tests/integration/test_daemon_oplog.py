@@ -17,7 +17,7 @@ import pytest
 from bson.timestamp import Timestamp
 from pymongo import MongoClient
 
-from .daemon_harness import DaemonProcess, Db, RocketChat, with_database
+from .daemon_harness import DaemonProcess, Db, RocketChat, wait_for, with_database
 
 ONLINE = ("online", "online")
 
@@ -150,3 +150,41 @@ def test_a_standalone_server_behind_mongo_url_exits_78(tmp_path: Path) -> None:
             assert d.proc is not None
             assert d.proc.wait(timeout=30) == 78
             assert "MONGO_URL" in d.output()
+
+
+@pytest.mark.slow
+@pytest.mark.emulator_only
+@pytest.mark.parametrize("feed", ["changestream", "oplog"])
+def test_mongodb_restarting_under_the_daemon_loses_nothing_and_logs_no_retry_storm(
+    tmp_path: Path, feed: str
+) -> None:
+    from presenced.testing.mongo import MongoEmulator
+
+    emulator = MongoEmulator()
+    with emulator as url:
+        client: MongoClient[dict[str, Any]] = MongoClient(url)
+        try:
+            rc = RocketChat(client["rocketchat"])
+            before, during = rc.add_user(), rc.add_user()
+            settings = oplog_settings(url) if feed == "oplog" else {"FEED": feed}
+            with DaemonProcess(tmp_path, with_database(url, "rocketchat"), **settings) as d:
+                d.start()
+                rc.connect(before)
+                rc.wait_presence(before, ONLINE, daemon=d)
+                emulator.stop()
+                wait_for(lambda: (d.ready() or (0, None))[0] == 503, 20,
+                         "/ready answers 503 while MongoDB is down", daemon=d)
+                emulator.start()
+                rc.connect(during)
+                rc.wait_presence(during, ONLINE, timeout=30, daemon=d)
+                wait_for(lambda: (d.ready() or (0, None))[0] == 200, 20, "/ready back to 200",
+                         daemon=d)
+                # Logged once per outage, never per retry; pymongo may also ride out a short
+                # outage inside its own server selection, and then nothing failed to log.
+                log = d.output()
+                outages = len(re.findall(r"MongoDB unavailable \(", log))
+                assert outages <= 1, log
+                assert ("MongoDB available again" in log) == (outages == 1), log
+                assert d.stop() == 0
+        finally:
+            client.close()
