@@ -94,7 +94,12 @@ class _Outage:
     since: float | None = None
     reason: str | None = None
 
+    #: Set while stopping: operations cancelled by the shutdown are not an outage.
+    quiet: bool = False
+
     def failed(self, component: str, exc: BaseException, secrets: Sequence[str]) -> None:
+        if self.quiet:
+            return
         text = redact(f"{type(exc).__name__}: {exc}", secrets)
         if self.since is None:
             self.since = time.monotonic()
@@ -229,6 +234,7 @@ class Daemon:
         logger.info("presenced stopped")
 
     def stop(self) -> None:
+        self._outage.quiet = True
         if self._work_scope is not None:
             self._work_scope.cancel()
 
