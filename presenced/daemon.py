@@ -147,6 +147,7 @@ class Daemon:
         self._reconciled = False
         self._connected = False
         self._behind = False
+        self._malformed_reported: dict[str, int] = {}
         self._last_feed_ok: float | None = None
         self._pending_writes = 0
         self._work_scope: trio.CancelScope | None = None
@@ -541,10 +542,29 @@ class Daemon:
         if reread:
             await self._load_users(reread, reason)
 
+    def _report_malformed(self) -> None:
+        """Count refused documents in the metric, and say once per kind what was refused."""
+        seen = dict(self.engine.stats().malformed)
+        source_malformed = getattr(self._source, "malformed", 0)
+        if isinstance(source_malformed, int) and source_malformed:
+            seen["feed_event_malformed"] = source_malformed
+        for reason, total in seen.items():
+            new = total - self._malformed_reported.get(reason, 0)
+            if new <= 0:
+                continue
+            self.metrics.malformed.labels(reason).inc(new)
+            if reason not in self._malformed_reported:
+                logger.warning(
+                    "refused malformed input ({}): the rest of the document is still used;"
+                    " counted in presenced_malformed_documents_total", reason,
+                )
+            self._malformed_reported[reason] = total
+
     async def _housekeeping_loop(self) -> None:
         period = self.settings.sync_interval_ms / 1000
         while True:
             await trio.sleep(period)
+            self._report_malformed()
             await self._refresh_instances()
             await self._reap()
             if self._dirty:
