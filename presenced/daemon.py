@@ -302,6 +302,7 @@ class Daemon:
         self._connected = True
         await self._retrying("indexes", store.ensure_indexes)
         checkpoint = await self._retrying("checkpoint", store.load_checkpoint, self.feed_name)
+        # Every start reconciles (timers live in memory), so a lost position needs no more.
         await self._open_feed(checkpoint["position"] if checkpoint else None)
         self._last_feed_ok = trio.current_time()
         await self._reconcile("startup")
@@ -321,14 +322,17 @@ class Daemon:
                 " ?replicaSet=NAME) or convert the server to a one-node replica set."
             )
 
-    async def _open_feed(self, token: Any) -> None:
-        """Open the change stream at ``token`` (or now); history lost → from now."""
+    async def _open_feed(self, token: Any) -> bool:
+        """Open the feed at ``token`` (or now). If the token fell out of MongoDB's history,
+        open from now and return True: the caller must reconcile everything."""
         assert self._source is not None
         try:
             await self._retrying("feed", self._source.open, token)
             if token is not None:
                 logger.info("feed resumed from the checkpoint")
+            lost = False
         except HistoryLost:
+            lost = True
             self.metrics.reconciliations.labels("history_lost").inc()
             logger.warning(
                 "the feed's resume point is no longer in MongoDB's history (oplog too small"
@@ -337,6 +341,7 @@ class Daemon:
             )
             await self._retrying("feed", self._source.open, None)
         self._safe_position = self._source.position()
+        return lost
 
     # -- reconciliation and loading -----------------------------------------------------
     async def _reconcile(self, cause: str) -> None:
@@ -464,7 +469,8 @@ class Daemon:
                 self.metrics.feed_errors.labels("feed").inc()
                 self._outage.failed("feed", exc, self._secrets)
                 await trio.sleep(1)
-                await self._open_feed(self._safe_position)
+                if await self._open_feed(self._safe_position):
+                    await self._reconcile("history_lost")
                 continue
             self._outage.succeeded()
             self._last_feed_ok = trio.current_time()
