@@ -67,9 +67,16 @@ def demo(users: int = 40, seed: int = 1) -> int:
     def on_transition(t: Transition) -> None:
         now = dt.datetime.now().strftime("%H:%M:%S")
         before = t.previous.status.value if t.previous else "offline"
-        shown[t.current.status.value] += 1
+        before_conn = t.previous.status_connection.value if t.previous else "offline"
+        after, after_conn = t.current.status.value, t.current.status_connection.value
+        shown[after] += 1
+        # status is what users see; when only statusConnection moved (an invisible or busy
+        # user), say so rather than print "offline → offline".
+        detail = (f"  statusConnection {before_conn} → {after_conn}"
+                  if before_conn != after_conn and (before == after or after_conn != after)
+                  else "")
         print(f"{now}  {(t.username or str(t.user_id)):<14} {_paint(before, tty)} → "
-              f"{_paint(t.current.status.value, tty)}  ({t.reason})", flush=True)
+              f"{_paint(after, tty)}{detail}  ({t.reason})", flush=True)
 
     from presenced.daemon import Daemon
 
