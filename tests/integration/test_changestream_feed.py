@@ -29,60 +29,19 @@ from presenced.feed.keys import (
     WatchedCollections,
 )
 
-Doc = dict[str, Any]
-TIMEOUT = 15.0  # seconds: upper bound for any expected key to show up
-AWAIT_MS = 200  # max_await_ms of the sources in this suite
-SENTINEL = InstancesChanged("sentinel")
-
-
-def now() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)
-
+from .feed_support import (
+    AWAIT_MS,
+    SENTINEL,
+    TIMEOUT,
+    Doc,
+    connect,
+    keys_until,
+    now,
+    retrying,
+    write_sentinel,
+)
 
 LATER = datetime(2099, 1, 1, tzinfo=UTC)  # a heartbeat time that differs from any now()
-
-
-def connect(db: Database[Doc], uid: str, cid: str, instance: str = "inst-1") -> None:
-    """What Rocket.Chat does when a DDP connection logs in."""
-    db.usersSessions.update_one(
-        {"_id": uid},
-        {
-            "$push": {
-                "connections": {
-                    "id": cid,
-                    "instanceId": instance,
-                    "status": "online",
-                    "_createdAt": now(),
-                    "_updatedAt": now(),
-                }
-            }
-        },
-        upsert=True,
-    )
-
-
-def write_sentinel(db: Database[Doc]) -> None:
-    db.instances.insert_one({"_id": "sentinel", "name": "sentinel", "_updatedAt": now()})
-
-
-def keys_until(
-    source: ChangeStreamSource,
-    last: Callable[[Key], bool] = lambda k: k == SENTINEL,
-    *,
-    timeout: float = TIMEOUT,
-    tolerate: tuple[type[BaseException], ...] = (),
-) -> list[Key]:
-    """Keys polled from ``source`` up to and including the first for which ``last`` is true."""
-    keys: list[Key] = []
-    deadline = time.monotonic() + timeout
-    while not any(last(k) for k in keys):
-        if time.monotonic() > deadline:
-            pytest.fail(f"terminating key not seen before the deadline; got {keys!r}")
-        try:
-            keys.extend(source.poll())
-        except tolerate:
-            continue
-    return keys
 
 
 def n_keys(source: ChangeStreamSource, n: int, timeout: float = TIMEOUT) -> list[Key]:
@@ -102,11 +61,6 @@ def empty_poll(source: ChangeStreamSource, timeout: float = TIMEOUT) -> None:
     while source.poll():
         if time.monotonic() > deadline:
             pytest.fail("the feed never went quiet")
-
-
-@pytest.fixture
-def watched(db: Database[Doc]) -> WatchedCollections:
-    return WatchedCollections(db.name)
 
 
 @pytest.fixture
@@ -314,26 +268,6 @@ def test_poll_returns_nothing_within_about_max_await_when_idle(
 # ------------------------------------------------------------------------------ emulator-only
 
 
-@pytest.fixture
-def own_emulator() -> Iterator[Callable[..., tuple[Any, MongoClient[Doc]]]]:
-    """Makes a private MongoEmulator (and a client on it); both closed after the test."""
-    from presenced.testing.mongo import MongoEmulator
-
-    made: list[tuple[Any, MongoClient[Doc]]] = []
-
-    def make(**kwargs: Any) -> tuple[Any, MongoClient[Doc]]:
-        emu = MongoEmulator(**kwargs)
-        url = emu.start()
-        c: MongoClient[Doc] = MongoClient(url, serverSelectionTimeoutMS=10_000)
-        made.append((emu, c))
-        return emu, c
-
-    yield make
-    for emu, c in made:
-        c.close()
-        emu.close()
-
-
 @pytest.mark.emulator_only
 def test_open_from_a_position_no_longer_in_the_oplog_raises_history_lost(
     own_emulator: Callable[..., tuple[Any, MongoClient[Doc]]],
@@ -377,18 +311,6 @@ def test_polling_goes_on_across_a_server_restart_without_losing_events(
     keys = keys_until(source, tolerate=(ConnectionFailure,), timeout=30)
     assert keys == [SessionsChanged("u2"), SessionsChanged("u3"), SENTINEL]
     source.close()
-
-
-def retrying(write: Callable[[], None], timeout: float = TIMEOUT) -> None:
-    """Runs a write until it gets past the connections the restart cut."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            write()
-            return
-        except ConnectionFailure:
-            if time.monotonic() > deadline:
-                raise
 
 
 @pytest.mark.emulator_only

@@ -32,57 +32,17 @@ from presenced.feed.keys import (
 )
 from presenced.feed.oplog import OplogSource
 
-Doc = dict[str, Any]
-TIMEOUT = 15.0  # seconds: upper bound for any expected key to show up
-AWAIT_MS = 200  # max_await_ms of the sources in this suite
-SENTINEL = InstancesChanged("sentinel")
-
-
-def now() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)
-
-
-def connect(db: Database[Doc], uid: str, cid: str, instance: str = "inst-1") -> None:
-    """What Rocket.Chat does when a DDP connection logs in."""
-    db.usersSessions.update_one(
-        {"_id": uid},
-        {
-            "$push": {
-                "connections": {
-                    "id": cid,
-                    "instanceId": instance,
-                    "status": "online",
-                    "_createdAt": now(),
-                    "_updatedAt": now(),
-                }
-            }
-        },
-        upsert=True,
-    )
-
-
-def write_sentinel(db: Database[Doc]) -> None:
-    db.instances.insert_one({"_id": "sentinel", "name": "sentinel", "_updatedAt": now()})
-
-
-def keys_until(
-    source: OplogSource,
-    last: Callable[[Key], bool] = lambda k: k == SENTINEL,
-    *,
-    timeout: float = TIMEOUT,
-    tolerate: tuple[type[BaseException], ...] = (),
-) -> list[Key]:
-    """Keys polled from ``source`` up to and including the first for which ``last`` is true."""
-    keys: list[Key] = []
-    deadline = time.monotonic() + timeout
-    while not any(last(k) for k in keys):
-        if time.monotonic() > deadline:
-            pytest.fail(f"terminating key not seen before the deadline; got {keys!r}")
-        try:
-            keys.extend(source.poll())
-        except tolerate:
-            continue
-    return keys
+from .feed_support import (
+    AWAIT_MS,
+    SENTINEL,
+    TIMEOUT,
+    Doc,
+    connect,
+    keys_until,
+    now,
+    retrying,
+    write_sentinel,
+)
 
 
 def n_keys(source: OplogSource, n: int, timeout: float = TIMEOUT) -> list[Key]:
@@ -94,23 +54,6 @@ def n_keys(source: OplogSource, n: int, timeout: float = TIMEOUT) -> list[Key]:
             pytest.fail(f"only {len(keys)} of {n} keys before the deadline: {keys!r}")
         keys.extend(source.poll(max_events=1))
     return keys
-
-
-def retrying(write: Callable[[], None], timeout: float = TIMEOUT) -> None:
-    """Runs a write until it gets past the connections a restart cut."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            write()
-            return
-        except ConnectionFailure:
-            if time.monotonic() > deadline:
-                raise
-
-
-@pytest.fixture
-def watched(db: Database[Doc]) -> WatchedCollections:
-    return WatchedCollections(db.name)
 
 
 @pytest.fixture
@@ -308,26 +251,6 @@ def test_transaction_touching_several_users_yields_a_key_for_each(
 
 
 # ------------------------------------------------------------------------------ emulator-only
-
-
-@pytest.fixture
-def own_emulator() -> Iterator[Callable[..., tuple[Any, MongoClient[Doc]]]]:
-    """Makes a private MongoEmulator (and a client on it); both closed after the test."""
-    from presenced.testing.mongo import MongoEmulator
-
-    made: list[tuple[Any, MongoClient[Doc]]] = []
-
-    def make(**kwargs: Any) -> tuple[Any, MongoClient[Doc]]:
-        emu = MongoEmulator(**kwargs)
-        url = emu.start()
-        c: MongoClient[Doc] = MongoClient(url, serverSelectionTimeoutMS=10_000)
-        made.append((emu, c))
-        return emu, c
-
-    yield make
-    for emu, c in made:
-        c.close()
-        emu.close()
 
 
 def fresh_db(client: MongoClient[Doc]) -> Database[Doc]:
