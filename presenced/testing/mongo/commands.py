@@ -9,14 +9,13 @@ a handler runs. Never touches sockets.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bson import Int64, ObjectId, Timestamp
+from bson import Int64, ObjectId
 from bson.binary import Binary
 from mongomock_ng.filtering import filter_applies
 from pymongo.errors import DuplicateKeyError, OperationFailure
@@ -1042,16 +1041,11 @@ def _change_stream(
 ErrorCodeIllegalStage = 5491300
 
 
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
-
-
 __all__ = [
     "ConnectionInfo",
     "Context",
     "FailPoint",
     "ServerIdentity",
-    "Timestamp",
     "cluster_time_fields",
     "command_name",
     "hello_reply",

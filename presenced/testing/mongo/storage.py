@@ -29,7 +29,7 @@ from typing import Any
 
 import mongomock_ng
 from bson import Int64, MaxKey, MinKey, Timestamp
-from bson.binary import Binary, UuidRepresentation
+from bson.binary import Binary
 from mongomock_ng import collection as mm_collection
 from mongomock_ng import database as mm_database
 from mongomock_ng import filtering as mm_filtering
@@ -807,7 +807,6 @@ class Storage:
         """Returns (value, lastErrorObject)."""
         from pymongo import ReturnDocument
 
-        self.opcounters["command"] += 0  # counted by the command layer
         if self.info(db, coll) is None:
             if remove or not upsert:
                 return None, {"n": 0, "updatedExisting": False} if not remove else {"n": 0}
@@ -1141,5 +1140,5 @@ def mm_aggregate_process(docs: list[Document], database: Any, pipeline: list[Doc
 
 __all__ = [
     "CollectionInfo", "Oplog", "OplogRecord", "SessionState", "Storage", "Transaction",
-    "UuidRepresentation", "WriteOutcome",
+    "WriteOutcome",
 ]
