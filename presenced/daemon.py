@@ -203,9 +203,8 @@ class Daemon:
         s = self.settings
         logger.info("presenced {} starting as instance {}", __version__, s.instance_id)
         logger.info("settings: {}", ", ".join(f"{k}={v}" for k, v in s.describe()))
-        health = _HealthView(self)
         async with trio.open_nursery() as outer:
-            await outer.start(partial(serve_http, health, s.health_check_port))
+            await outer.start(partial(serve_http, self, s.health_check_port))
             logger.info("health checks on port {}", s.health_check_port)
             if handle_signals:
                 outer.start_soon(self._watch_signals)
@@ -654,17 +653,3 @@ def _collect(batches: Iterator[list[Any]]) -> list[Any]:
     for batch in batches:
         out.extend(batch)
     return out
-
-
-class _HealthView:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-
-    def health(self) -> dict[str, Any]:
-        return self.daemon.health()
-
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        return self.daemon.readiness()
-
-    def metrics(self) -> bytes:
-        return self.daemon.metrics_text()

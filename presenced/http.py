@@ -23,7 +23,7 @@ class HealthSource(Protocol):
 
     def readiness(self) -> tuple[bool, dict[str, Any]]: ...
 
-    def metrics(self) -> bytes: ...
+    def metrics_text(self) -> bytes: ...
 
 
 def build_app(source: HealthSource) -> Starlette:
@@ -35,7 +35,7 @@ def build_app(source: HealthSource) -> Starlette:
         return JSONResponse(body, status_code=200 if ok else 503)
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(source.metrics(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(source.metrics_text(), media_type="text/plain; version=0.0.4")
 
     return Starlette(
         routes=[
