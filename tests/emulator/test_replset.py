@@ -227,13 +227,20 @@ def test_session_id_is_a_uuid_document(client: MongoClient[Any]) -> None:
         assert lsid["id"].subtype == 4
 
 
-def test_retryable_write_with_explicit_txn_number_is_applied_once(db: Database[Any]) -> None:
+def test_retryable_write_with_explicit_txn_number_is_applied_once(
+    db: Database[Any], mongo_url: str
+) -> None:
     """Retryable writes spec: a repeated (lsid, txnNumber) is answered without re-executing."""
-    client = db.client
-    with client.start_session() as session:
-        cmd = {"insert": "retry", "documents": [{"_id": 1}], "txnNumber": Int64(7)}
-        first = db.command(dict(cmd), session=session)
-        again = db.command(dict(cmd), session=session)
+    # A client of its own: its session id is new, so txnNumber 7 cannot collide with the
+    # retryable writes earlier tests made on a pooled session of the shared client.
+    own: MongoClient[Any] = MongoClient(mongo_url)
+    try:
+        with own.start_session() as session:
+            cmd = {"insert": "retry", "documents": [{"_id": 1}], "txnNumber": Int64(7)}
+            first = own[db.name].command(dict(cmd), session=session)
+            again = own[db.name].command(dict(cmd), session=session)
+    finally:
+        own.close()
     assert first["n"] == 1
     assert again["n"] == 1
     assert "writeErrors" not in again
