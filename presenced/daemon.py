@@ -29,7 +29,7 @@ from pymongo.errors import PyMongoError
 from presenced import __version__
 from presenced.config import Settings
 from presenced.engine import Engine, PlannedWrite, Transition
-from presenced.feed.changestream import ChangeStreamSource, HistoryLost
+from presenced.feed.changestream import ChangeStreamSource
 from presenced.feed.keys import (
     InstancesChanged,
     Key,
@@ -38,6 +38,7 @@ from presenced.feed.keys import (
     UserChanged,
     WatchedCollections,
 )
+from presenced.feed.source import HistoryLost
 from presenced.http import serve_http
 from presenced.log import redact
 from presenced.metrics import Metrics

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from pymongo import MongoClient
@@ -39,6 +38,7 @@ from pymongo.change_stream import ChangeStream
 from pymongo.errors import OperationFailure, PyMongoError
 
 from presenced.feed.keys import (
+    Decoded,
     InstancesChanged,
     Key,
     ResyncAll,
@@ -47,6 +47,7 @@ from presenced.feed.keys import (
     WatchedCollections,
     touches_presence_fields,
 )
+from presenced.feed.source import HistoryLost
 
 DOCUMENT_OPERATIONS: tuple[str, ...] = ("insert", "update", "replace", "delete")
 """Events about one document: they become a per-document key."""
@@ -64,14 +65,6 @@ _CHANGE_STREAM_FATAL = 280  # ChangeStreamFatalError; before 4.4 also "resume po
 
 # --------------------------------------------------------------------------------------------
 # decoder (pure)
-
-
-@dataclass(frozen=True, slots=True)
-class Decoded:
-    """What one change event means: the keys, and whether the event was malformed."""
-
-    keys: tuple[Key, ...] = ()
-    malformed: bool = False
 
 
 _NOTHING = Decoded()
@@ -238,13 +231,6 @@ def pipeline(watched: WatchedCollections) -> list[dict[str, Any]]:
 # the source (blocking; worker threads only)
 
 
-class HistoryLost(Exception):
-    """The saved position is no longer in the oplog (or the server refuses the token).
-
-    The caller must reconcile every user and open the feed again from now (``open(None)``).
-    """
-
-
 def is_history_lost(exc: OperationFailure) -> bool:
     """True if the server refused to resume because the position can't be resumed from."""
     if exc.code in (_HISTORY_LOST, _INVALID_RESUME_TOKEN):
@@ -373,6 +359,11 @@ class ChangeStreamSource:
             if time.monotonic() >= deadline:
                 break
         return keys
+
+    def lag_seconds(self, now: float | None = None) -> float:
+        """Always 0: a change event carries no wall time before MongoDB 6.0, so the daemon
+        measures this feed's lag as the time since it last answered."""
+        return 0.0
 
     def close(self) -> None:
         """Closes the stream; ``position()`` still answers. Safe to call twice."""

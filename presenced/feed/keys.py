@@ -53,6 +53,14 @@ class ResyncAll:
 
 Key = SessionsChanged | UserChanged | InstancesChanged | ResyncAll
 
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """What one change event or oplog entry means: its keys, and whether it was malformed."""
+
+    keys: tuple[Key, ...] = ()
+    malformed: bool = False
+
 PRESENCE_USER_FIELDS: frozenset[str] = frozenset(
     {
         "active",

@@ -3,7 +3,7 @@
 The alternative to :mod:`presenced.feed.changestream` for deployments that give presenced
 the replica set's ``local`` database (``MONGO_OPLOG_URL``). It produces the same keys
 (:mod:`presenced.feed.keys`) and offers the same source interface (``open``, ``position``,
-``poll``, ``close``, ``malformed``, :class:`~presenced.feed.changestream.HistoryLost`), so
+``poll``, ``close``, ``malformed``, :class:`~presenced.feed.source.HistoryLost`), so
 the daemon uses either.
 
 Owns:
@@ -62,8 +62,8 @@ from pymongo.collection import Collection
 from pymongo.cursor import Cursor
 from pymongo.errors import OperationFailure, PyMongoError
 
-from presenced.feed.changestream import Decoded, HistoryLost
 from presenced.feed.keys import (
+    Decoded,
     InstancesChanged,
     Key,
     ResyncAll,
@@ -72,6 +72,7 @@ from presenced.feed.keys import (
     WatchedCollections,
     touches_presence_fields,
 )
+from presenced.feed.source import HistoryLost
 
 __all__ = [
     "Decoded",

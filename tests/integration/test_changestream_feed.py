@@ -19,7 +19,7 @@ from pymongo import MongoClient
 from pymongo.database import Database
 from pymongo.errors import ConnectionFailure, OperationFailure
 
-from presenced.feed.changestream import ChangeStreamSource, HistoryLost
+from presenced.feed.changestream import ChangeStreamSource
 from presenced.feed.keys import (
     InstancesChanged,
     Key,
@@ -28,6 +28,7 @@ from presenced.feed.keys import (
     UserChanged,
     WatchedCollections,
 )
+from presenced.feed.source import HistoryLost
 
 from .feed_support import (
     AWAIT_MS,

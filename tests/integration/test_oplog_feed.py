@@ -21,7 +21,6 @@ from pymongo import MongoClient
 from pymongo.database import Database
 from pymongo.errors import ConnectionFailure, OperationFailure
 
-from presenced.feed.changestream import HistoryLost
 from presenced.feed.keys import (
     InstancesChanged,
     Key,
@@ -31,6 +30,7 @@ from presenced.feed.keys import (
     WatchedCollections,
 )
 from presenced.feed.oplog import OplogSource
+from presenced.feed.source import HistoryLost
 
 from .feed_support import (
     AWAIT_MS,

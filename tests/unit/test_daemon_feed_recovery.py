@@ -11,8 +11,8 @@ from pymongo.errors import AutoReconnect
 
 from presenced.config import load_settings
 from presenced.daemon import Daemon
-from presenced.feed.changestream import HistoryLost
 from presenced.feed.keys import Key
+from presenced.feed.source import HistoryLost
 
 
 class EndOfTest(Exception):

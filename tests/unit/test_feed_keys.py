@@ -19,8 +19,6 @@ from pymongo.errors import AutoReconnect, OperationFailure
 
 from presenced.feed.changestream import (
     ChangeStreamSource,
-    Decoded,
-    HistoryLost,
     decode,
     decode_change_event,
     is_history_lost,
@@ -28,6 +26,7 @@ from presenced.feed.changestream import (
 )
 from presenced.feed.keys import (
     PRESENCE_USER_FIELDS,
+    Decoded,
     InstancesChanged,
     ResyncAll,
     SessionsChanged,
@@ -35,6 +34,7 @@ from presenced.feed.keys import (
     WatchedCollections,
     touches_presence_fields,
 )
+from presenced.feed.source import HistoryLost
 
 W = WatchedCollections("rocketchat")
 WALL = datetime(2024, 5, 1, 12, 0, 0, 123000)
