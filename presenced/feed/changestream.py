@@ -250,6 +250,26 @@ def _history_lost(exc: OperationFailure) -> HistoryLost:
     )
 
 
+def _has_buffered_events(stream: ChangeStream[Any]) -> bool | None:
+    """Whether pymongo holds events of the last batch that ``try_next`` has not returned
+    yet (``try_next`` hands those on without asking the server); None if it can't tell.
+
+    pymongo has no public way to ask: ``Cursor.retrieved`` (what the oplog source counts)
+    has no counterpart on the ``CommandCursor`` under a change stream. This is the one
+    place that reads pymongo's private state: ``ChangeStream._cursor._has_next()``, the
+    call ``ChangeStream.try_next`` itself makes to find the last event of a batch (read
+    in pymongo 4.20). Without it (a pymongo release that changed it, or a stand-in stream)
+    the answer is None and ``poll`` reads on as it did before: nothing is lost, but its
+    last ``getMore`` waits up to ``max_await_ms`` with keys in hand.
+    ``test_changestream_feed.py::test_pymongo_still_reports_the_events_it_has_buffered``
+    fails if pymongo changes it.
+    """
+    has_next = getattr(getattr(stream, "_cursor", None), "_has_next", None)
+    if not callable(has_next):
+        return None
+    return bool(has_next())
+
+
 class ChangeStreamSource:
     """One database change stream over the watched collections, read in polls.
 
@@ -318,13 +338,17 @@ class ChangeStreamSource:
     def poll(self, max_events: int = 1000) -> list[Key]:
         """The keys of the next events, at most ``max_events`` events' worth, in order.
 
-        Returns ``[]`` after about ``max_await_ms`` without events; once events flow it
-        returns within about ``max_await_ms`` too, so keys are not held back.
+        Returns the events of the batch already received from the server at once; only
+        when none is left does it wait on the server (one awaitData ``getMore``, up to
+        ``max_await_ms``), and returns ``[]`` if that brings nothing. (Should pymongo not
+        say what it has buffered, it reads on, returning within about ``max_await_ms``.)
         Raises :class:`HistoryLost` if the stream had to resume from a lost position;
         other non-resumable errors propagate (the next ``poll`` reopens from
         ``position()``). If events were already read when an error strikes, their keys
         are returned and the error surfaces on the next ``poll``.
         """
+        if max_events < 1:
+            raise ValueError("max_events must be at least 1")
         stream = self._stream
         if stream is None:
             raise RuntimeError("ChangeStreamSource.poll() called before open() or after close()")
@@ -332,8 +356,12 @@ class ChangeStreamSource:
             stream = self._stream = self._watch(self._position)
         keys: list[Key] = []
         events = 0
+        # Only when pymongo can't say what it has buffered does a poll with keys in hand
+        # ask the server again; this bounds how long those keys wait then.
         deadline = time.monotonic() + self._max_await_ms / 1000
         while events < max_events and stream.alive:
+            if events and _has_buffered_events(stream) is False:
+                break  # the batch in hand is used up: hand its keys on rather than wait
             try:
                 event = stream.try_next()
             except OperationFailure as exc:
@@ -346,6 +374,8 @@ class ChangeStreamSource:
                 if keys:
                     break
                 raise
+            # After the last event of a batch (or an empty one) pymongo reports the
+            # batch's postBatchResumeToken: every event up to it has been returned.
             token = stream.resume_token
             if token is not None:
                 self._position = token

@@ -15,11 +15,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from pymongo import MongoClient
+from pymongo import MongoClient, monitoring
 from pymongo.database import Database
 from pymongo.errors import ConnectionFailure, OperationFailure
+from pymongo.write_concern import WriteConcern
 
-from presenced.feed.changestream import ChangeStreamSource
+from presenced.feed.changestream import ChangeStreamSource, _has_buffered_events
 from presenced.feed.keys import (
     InstancesChanged,
     Key,
@@ -264,6 +265,59 @@ def test_poll_returns_nothing_within_about_max_await_when_idle(
     started = time.monotonic()
     assert source.poll() == []
     assert time.monotonic() - started < AWAIT_MS / 1000 + 2.0
+
+
+class GetMores(monitoring.CommandListener):
+    """Counts the getMore commands a client sends."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "getMore":
+            self.sent += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def test_pymongo_still_reports_the_events_it_has_buffered(
+    mongo_url: str, db: Database[Doc]
+) -> None:
+    """``_has_buffered_events`` reads pymongo's private state; if a pymongo release
+    changes it, this fails (and ``poll``, told nothing, waits with keys in hand again)."""
+    getmores = GetMores()
+    c: MongoClient[Doc] = MongoClient(
+        mongo_url, event_listeners=[getmores], serverSelectionTimeoutMS=10_000
+    )
+    try:
+        with c[db.name].watch(max_await_time_ms=AWAIT_MS) as stream:
+            # One command, majority-acknowledged: all three events are visible to the
+            # first getMore, so it brings them in one batch.
+            sessions = db.usersSessions.with_options(write_concern=WriteConcern("majority"))
+            sessions.insert_many([{"_id": f"u{i}", "at": now()} for i in range(3)])
+            events, reported = 0, list[bool]()
+            deadline = time.monotonic() + TIMEOUT
+            while events < 3:
+                assert time.monotonic() < deadline, f"only {events} of 3 events"
+                buffered = _has_buffered_events(stream)
+                assert buffered is not None, "pymongo has no ChangeStream._cursor._has_next()"
+                sent = getmores.sent
+                if stream.try_next() is not None:
+                    events += 1
+                # What it reported is what try_next did: ask the server only when empty.
+                assert buffered == (getmores.sent == sent)
+                reported.append(buffered)
+            assert _has_buffered_events(stream) is False  # the batch is used up
+        assert True in reported, (
+            "_has_buffered_events never saw an event pymongo had buffered: did pymongo change"
+            " ChangeStream._cursor._has_next()?"
+        )
+    finally:
+        c.close()
 
 
 # ------------------------------------------------------------------------------ emulator-only
