@@ -108,8 +108,10 @@ def test_start_again_uses_the_same_port_and_url(emu: Any) -> None:
 
 
 def test_data_survives_stop_and_start(emu: Any, client_factory: Any) -> None:
-    c = client_factory(emu.url)
-    c.r.c.insert_many([{"_id": i} for i in range(3)])
+    # The writer is closed while the server is up: a client closed after its server went
+    # away waits out serverSelectionTimeoutMS trying to end its sessions.
+    with _client(emu.url) as writer:
+        writer.r.c.insert_many([{"_id": i} for i in range(3)])
     emu.stop()
     emu.start()
     fresh = client_factory(emu.url, serverSelectionTimeoutMS=10_000)
@@ -158,26 +160,28 @@ def test_operation_time_keeps_advancing_across_restart(emu: Any, client_factory:
 # --------------------------------------------------------------------------- snapshot
 
 
-def test_snapshot_is_loaded_by_a_new_emulator(tmp_path: Path, client_factory: Any) -> None:
+def test_snapshot_is_loaded_by_a_new_emulator(tmp_path: Path) -> None:
+    # Each client is closed before its emulator: closing a client ends its sessions, which
+    # waits out serverSelectionTimeoutMS when the server is already gone.
     path = tmp_path / "db.snapshot"
     first = _emulator(snapshot_path=path)
     try:
         first.start()
-        c = client_factory(first.url, serverSelectionTimeoutMS=10_000)
-        c.snap.users.insert_many([{"_id": "a", "n": 1}, {"_id": "b", "n": 2}])
-        c.snap.users.create_index("n", unique=True)
+        with _client(first.url, serverSelectionTimeoutMS=10_000) as c:
+            c.snap.users.insert_many([{"_id": "a", "n": 1}, {"_id": "b", "n": 2}])
+            c.snap.users.create_index("n", unique=True)
     finally:
         first.close()
 
     second = _emulator(snapshot_path=path)
     try:
         second.start()
-        c2 = client_factory(second.url, serverSelectionTimeoutMS=10_000)
-        assert list(c2.snap.users.find({}, sort=[("_id", 1)])) == [
-            {"_id": "a", "n": 1},
-            {"_id": "b", "n": 2},
-        ]
-        assert "n_1" in c2.snap.users.index_information()
+        with _client(second.url, serverSelectionTimeoutMS=10_000) as c2:
+            assert list(c2.snap.users.find({}, sort=[("_id", 1)])) == [
+                {"_id": "a", "n": 1},
+                {"_id": "b", "n": 2},
+            ]
+            assert "n_1" in c2.snap.users.index_information()
     finally:
         second.close()
 
