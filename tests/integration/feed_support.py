@@ -1,14 +1,17 @@
-"""Shared by the feed integration suites (change stream and oplog): Rocket.Chat-shaped
-writes, and polling a source for keys against a deadline. Nothing here sleeps."""
+"""Shared by the feed integration suites (the contract both feeds keep, and each feed's
+own): Rocket.Chat-shaped writes, and polling a source for keys against a deadline.
+Nothing here sleeps."""
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import pytest
+from pymongo import MongoClient
 from pymongo.database import Database
 from pymongo.errors import ConnectionFailure
 
@@ -69,6 +72,31 @@ def keys_until(
         except tolerate:
             continue
     return keys
+
+
+def n_keys(source: Polls, n: int, timeout: float = TIMEOUT) -> list[Key]:
+    """Exactly the next ``n`` keys (polling at most ``n`` events' worth at a time; every
+    write these suites count this way is one event with one key)."""
+    keys: list[Key] = []
+    deadline = time.monotonic() + timeout
+    while len(keys) < n:
+        if time.monotonic() > deadline:
+            pytest.fail(f"only {len(keys)} of {n} keys before the deadline: {keys!r}")
+        keys.extend(source.poll(max_events=n - len(keys)))
+    return keys
+
+
+def empty_poll(source: Polls, timeout: float = TIMEOUT) -> None:
+    """Polls until a poll comes back empty (the source has caught up)."""
+    deadline = time.monotonic() + timeout
+    while source.poll():
+        if time.monotonic() > deadline:
+            pytest.fail("the feed never went quiet")
+
+
+def fresh_db(client: MongoClient[Doc]) -> Database[Doc]:
+    """A database no other test uses (on a private emulator, which is closed after)."""
+    return client[f"t_{uuid.uuid4().hex[:12]}"]
 
 
 def retrying(write: Callable[[], None], timeout: float = TIMEOUT) -> None:
