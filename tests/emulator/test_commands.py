@@ -72,6 +72,13 @@ def server_status(client: MongoClient[Any]) -> dict[str, Any]:
     return client.admin.command("serverStatus")
 
 
+def found(coll: Collection[Any], doc_id: Any) -> dict[str, Any]:
+    """The document with this ``_id``; fails the test when there is none."""
+    doc: dict[str, Any] | None = coll.find_one({"_id": doc_id})
+    assert doc is not None, f"no document {doc_id!r} in {coll.full_name}"
+    return doc
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -448,7 +455,7 @@ def test_unique_index_on_array_subfield_allows_repeats_within_one_document(
     db.s.create_index("connections.id", unique=True)
     db.s.insert_one({"_id": "u1", "connections": [{"id": "c1"}, {"id": "c1"}]})
     db.s.update_one({"_id": "u1"}, {"$push": {"connections": {"id": "c1"}}})
-    assert len(db.s.find_one({"_id": "u1"})["connections"]) == 3
+    assert len(found(db.s, "u1")["connections"]) == 3
 
 
 def test_unique_index_creation_fails_on_existing_duplicates(db: Database[Any]) -> None:
@@ -626,7 +633,7 @@ def test_update_with_array_filters(db: Database[Any]) -> None:
     db.up.update_one(
         {"_id": 1}, {"$set": {"grades.$[x].top": True}}, array_filters=[{"x.g": {"$gte": 95}}]
     )
-    assert db.up.find_one({"_id": 1})["grades"] == [
+    assert found(db.up, 1)["grades"] == [
         {"g": 80},
         {"g": 95, "top": True},
         {"g": 100, "top": True},
@@ -636,7 +643,7 @@ def test_update_with_array_filters(db: Database[Any]) -> None:
 def test_update_with_positional_operator_updates_first_match(db: Database[Any]) -> None:
     db.up.insert_one({"_id": 1, "items": [{"k": "a", "v": 0}, {"k": "b", "v": 0}]})
     db.up.update_one({"_id": 1, "items.k": "b"}, {"$set": {"items.$.v": 9}})
-    assert db.up.find_one({"_id": 1})["items"] == [{"k": "a", "v": 0}, {"k": "b", "v": 9}]
+    assert found(db.up, 1)["items"] == [{"k": "a", "v": 0}, {"k": "b", "v": 9}]
 
 
 def test_positional_operator_without_array_in_query_is_an_error(db: Database[Any]) -> None:
@@ -983,7 +990,7 @@ def test_rc_push_connection_with_upsert_creates_user_document(sessions: Collecti
 def test_rc_datetimes_round_trip_with_millisecond_precision(sessions: Collection[Any]) -> None:
     at = datetime.datetime(2024, 3, 1, 12, 0, 0, 123456)
     sessions.insert_one({"_id": "u", "connections": [_conn("c1", "i1", at)]})
-    conn = sessions.find_one({"_id": "u"})["connections"][0]
+    conn = found(sessions, "u")["connections"][0]
     assert conn["_createdAt"] == ms(at)
     assert conn["_updatedAt"] == datetime.datetime(2024, 3, 1, 12, 0, 0, 123000)
 
@@ -999,8 +1006,8 @@ def test_rc_pull_connection_by_id_across_users(sessions: Collection[Any]) -> Non
         {"connections.id": "c1"}, {"$pull": {"connections": {"id": "c1"}}}
     )
     assert (result.matched_count, result.modified_count) == (1, 1)
-    assert [c["id"] for c in sessions.find_one({"_id": "u1"})["connections"]] == ["c2"]
-    assert [c["id"] for c in sessions.find_one({"_id": "u2"})["connections"]] == ["c3"]
+    assert [c["id"] for c in found(sessions, "u1")["connections"]] == ["c2"]
+    assert [c["id"] for c in found(sessions, "u2")["connections"]] == ["c3"]
 
 
 def test_rc_pull_last_connection_leaves_empty_array(sessions: Collection[Any]) -> None:
@@ -1020,7 +1027,7 @@ def test_rc_set_status_with_array_filters(sessions: Collection[Any]) -> None:
         array_filters=[{"c.id": "c2"}],
     )
     assert result.modified_count == 1
-    conns = sessions.find_one({"_id": "u1"})["connections"]
+    conns = found(sessions, "u1")["connections"]
     assert conns[0] == _conn("c1", "i1", T0)
     assert conns[1]["status"] == "away"
     assert conns[1]["_updatedAt"] == ms(later)
@@ -1037,7 +1044,7 @@ def test_rc_array_filters_without_matching_element_modifies_nothing(
         array_filters=[{"c.id": "other"}],
     )
     assert (result.matched_count, result.modified_count) == (1, 0)
-    assert sessions.find_one({"_id": "u1"})["connections"] == [_conn("c1", "i1", T0)]
+    assert found(sessions, "u1")["connections"] == [_conn("c1", "i1", T0)]
 
 
 def test_rc_positional_heartbeat_updates_only_that_connection(sessions: Collection[Any]) -> None:
@@ -1049,7 +1056,7 @@ def test_rc_positional_heartbeat_updates_only_that_connection(sessions: Collecti
         {"_id": "u1", "connections.id": "c2"}, {"$set": {"connections.$._updatedAt": now}}
     )
     assert result.modified_count == 1
-    conns = sessions.find_one({"_id": "u1"})["connections"]
+    conns = found(sessions, "u1")["connections"]
     assert conns[0]["_updatedAt"] == ms(T0)
     assert conns[1]["_updatedAt"] == ms(now)
 
@@ -1119,7 +1126,7 @@ def test_rc_guarded_pull_removes_stale_and_keeps_freshly_heartbeated(
         },
     )
     assert result.modified_count == 1
-    ids = [c["id"] for c in sessions.find_one({"_id": "u1"})["connections"]]
+    ids = [c["id"] for c in found(sessions, "u1")["connections"]]
     assert ids == ["beating", "other"]
 
 
@@ -1128,7 +1135,7 @@ def test_rc_guarded_pull_boundary_is_inclusive(sessions: Collection[Any]) -> Non
     sessions.update_many(
         {}, {"$pull": {"connections": {"id": {"$in": ["c1"]}, "_updatedAt": {"$lte": ms(T0)}}}}
     )
-    assert sessions.find_one({"_id": "u1"})["connections"] == []
+    assert found(sessions, "u1")["connections"] == []
 
 
 def test_rc_pull_by_id_removes_every_duplicate(sessions: Collection[Any]) -> None:
@@ -1139,7 +1146,7 @@ def test_rc_pull_by_id_removes_every_duplicate(sessions: Collection[Any]) -> Non
         }
     )
     sessions.update_many({"connections.id": "dup"}, {"$pull": {"connections": {"id": "dup"}}})
-    assert [c["id"] for c in sessions.find_one({"_id": "u1"})["connections"]] == ["x"]
+    assert [c["id"] for c in found(sessions, "u1")["connections"]] == ["x"]
 
 
 def test_rc_positional_update_with_duplicate_ids_changes_first_only(
@@ -1151,7 +1158,7 @@ def test_rc_positional_update_with_duplicate_ids_changes_first_only(
     sessions.update_one(
         {"_id": "u1", "connections.id": "dup"}, {"$set": {"connections.$.status": "away"}}
     )
-    statuses = [c["status"] for c in sessions.find_one({"_id": "u1"})["connections"]]
+    statuses = [c["status"] for c in found(sessions, "u1")["connections"]]
     assert statuses == ["away", "online"]
 
 
@@ -1167,7 +1174,7 @@ def test_rc_array_filters_with_duplicate_ids_change_all(sessions: Collection[Any
         {"$set": {"connections.$[c].status": "busy"}},
         array_filters=[{"c.id": "dup"}],
     )
-    statuses = [c["status"] for c in sessions.find_one({"_id": "u1"})["connections"]]
+    statuses = [c["status"] for c in found(sessions, "u1")["connections"]]
     assert statuses == ["busy", "online", "busy"]
 
 
