@@ -97,8 +97,9 @@ def main() -> int:
             # Reconnect storm: each user drops its connection and opens a new one.
             before = ops(client)
             now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-            storm = [UpdateMany({"connections.id": f"c{i}"},
-                                {"$pull": {"connections": {"id": f"c{i}"}}}) for i in range(n)]
+            storm: list[UpdateMany | UpdateOne] = [
+                UpdateMany({"connections.id": f"c{i}"}, {"$pull": {"connections": {"id": f"c{i}"}}})
+                for i in range(n)]
             storm += [UpdateOne({"_id": f"u{i}"}, {"$push": {"connections": {
                 "id": f"r{i}", "instanceId": "i1", "status": "online", "_createdAt": now,
                 "_updatedAt": now}}}, upsert=True) for i in range(n)]

@@ -24,6 +24,7 @@ from typing import Any
 
 import mongomock_ng
 from pymongo import MongoClient, UpdateOne
+from pymongo.collection import Collection
 
 
 def start_emulator() -> tuple[subprocess.Popen[str], str]:
@@ -109,7 +110,7 @@ def main() -> int:
         proc.terminate()
         proc.wait(timeout=10)
 
-    base = mongomock_ng.MongoClient().bench.usersSessions
+    base: Collection[dict[str, Any]] = mongomock_ng.MongoClient().bench.usersSessions
     seed(base, args.users)
     base_single = single_updates(base, args.users, args.updates)
 
