@@ -27,6 +27,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _err(message: str) -> None:
+    """Write ``message`` to stderr after what is already written to stdout, so that a
+    terminal or a combined pipe shows the two in the order they were written."""
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+
+
 def _settings(command: str) -> Settings:
     return load_settings().for_command(command)
 
@@ -36,7 +43,7 @@ def check(timeout_ms: int = 5000) -> int:
     try:
         settings = _settings("check")
     except SettingsError as exc:
-        print(f"presenced {__version__}: the settings need fixing:\n{exc}", file=sys.stderr)
+        _err(f"presenced {__version__}: the settings need fixing:\n{exc}")
         return SettingsError.exit_code
     width = max(len(name) for name, _ in settings.describe())
     print(f"presenced {__version__}")
@@ -61,7 +68,7 @@ def check(timeout_ms: int = 5000) -> int:
         )
         return EX_OK if replica_set else EX_FAIL
     except PyMongoError as exc:
-        print(f"MongoDB: unreachable: {redact(str(exc), settings.secrets())}", file=sys.stderr)
+        _err(f"MongoDB: unreachable: {redact(str(exc), settings.secrets())}")
         return EX_FAIL
     finally:
         client.close()
@@ -72,8 +79,7 @@ def run() -> int:
     try:
         settings = _settings("run")
     except SettingsError as exc:
-        print(f"presenced {__version__}: cannot start, the settings need fixing:\n{exc}",
-              file=sys.stderr)
+        _err(f"presenced {__version__}: cannot start, the settings need fixing:\n{exc}")
         return SettingsError.exit_code
     import trio
 
@@ -88,13 +94,12 @@ def run() -> int:
 
         problem = _find(exc, StartupProblem)
         if problem is not None:
-            print(f"presenced: cannot start: {problem}", file=sys.stderr)
+            _err(f"presenced: cannot start: {problem}")
             return StartupProblem.exit_code
         port_error = _find(exc, OSError)
         if port_error is not None:
-            print(f"presenced: cannot serve HTTP on port {settings.health_check_port}: "
-                  f"{port_error.strerror}; set HEALTH_CHECK_PORT to a free port",
-                  file=sys.stderr)
+            _err(f"presenced: cannot serve HTTP on port {settings.health_check_port}: "
+                 f"{port_error.strerror}; set HEALTH_CHECK_PORT to a free port")
             return EX_FAIL
         if isinstance(exc, KeyboardInterrupt):
             return EX_OK
@@ -131,11 +136,11 @@ def simulate(args: argparse.Namespace) -> int:
     try:
         database = uri_parser.parse_uri(args.mongo_url).get("database")
     except Exception as exc:
-        print(f"--mongo-url is not a MongoDB URL: {redact(str(exc), [])}", file=sys.stderr)
+        _err(f"--mongo-url is not a MongoDB URL: {redact(str(exc), [])}")
         return SettingsError.exit_code
     if not database:
-        print("--mongo-url must name the database, e.g. mongodb://127.0.0.1:27017/rocketchat"
-              "?replicaSet=rs0", file=sys.stderr)
+        _err("--mongo-url must name the database, e.g. mongodb://127.0.0.1:27017/rocketchat"
+             "?replicaSet=rs0")
         return SettingsError.exit_code
     client: MongoClient[dict[str, object]] = MongoClient(
         args.mongo_url, serverSelectionTimeoutMS=10_000
@@ -164,7 +169,7 @@ def simulate(args: argparse.Namespace) -> int:
               f"into {database} (Ctrl-C stops)", flush=True)
         sim.run(stop, speed=args.speed, on_tick=report)
     except PyMongoError as exc:
-        print(f"MongoDB: {redact(str(exc), [])}", file=sys.stderr)
+        _err(f"MongoDB: {redact(str(exc), [])}")
         return EX_FAIL
     finally:
         stop.set()

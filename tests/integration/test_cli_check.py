@@ -73,6 +73,20 @@ def test_check_with_an_unreachable_server_exits_1(tmp_path: Path) -> None:
     assert "unreachable" in done.stderr
 
 
+def test_check_output_in_one_pipe_shows_the_settings_before_the_mongodb_error(
+    tmp_path: Path,
+) -> None:
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path),
+           "MONGO_URL": "mongodb://127.0.0.1:1/rocketchat?connectTimeoutMS=200"
+                        "&serverSelectionTimeoutMS=500"}
+    done = subprocess.run(
+        [sys.executable, "-m", "presenced", "check"], env=env, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60,
+    )
+    assert done.returncode == 1
+    assert 0 <= done.stdout.find("MONGO_URL") < done.stdout.find("MongoDB: unreachable")
+
+
 def test_simulate_writes_rocketchat_sessions_for_the_requested_users(
     client: object, mongo_url: str, tmp_path: Path
 ) -> None:
