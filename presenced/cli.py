@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from presenced import __version__
 from presenced.config import Settings, SettingsError, load_settings
@@ -18,6 +18,9 @@ from presenced.log import redact
 
 EX_OK = 0
 EX_FAIL = 1
+
+TESTING_EXTRA_MODULES: Final = ("mongomock_ng",)
+"""Top-level modules that only the ``presenced[testing]`` extra installs."""
 
 
 def _positive_int(text: str) -> int:
@@ -121,6 +124,19 @@ def _find(exc: BaseException, kind: type[E]) -> E | None:
     return None
 
 
+def demo(users: int, seed: int) -> int:
+    """The daemon on the embedded emulator, if the ``testing`` extra is installed."""
+    try:
+        from presenced.testing.demo import demo as run_demo  # loads the testing extra
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in TESTING_EXTRA_MODULES:
+            raise
+        _err("presenced demo needs the MongoDB emulator from the testing extra; install it"
+             " with: pip install 'presenced[testing]'")
+        return EX_FAIL
+    return run_demo(users=users, seed=seed)
+
+
 def simulate(args: argparse.Namespace) -> int:
     """Write simulated Rocket.Chat presence traffic to any MongoDB until Ctrl-C."""
     import signal
@@ -184,10 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="print the effective settings and test the MongoDB connection")
     sub.add_parser("run", help="run the daemon (settings from the environment and .env)")
-    demo = sub.add_parser("demo", help="the daemon on the embedded MongoDB emulator with"
-                                       " simulated Rocket.Chat traffic")
-    demo.add_argument("--users", type=_positive_int, default=40)
-    demo.add_argument("--seed", type=int, default=1)
+    demo_parser = sub.add_parser(
+        "demo", help="the daemon on the embedded MongoDB emulator with simulated Rocket.Chat"
+                     " traffic",
+    )
+    demo_parser.add_argument("--users", type=_positive_int, default=40)
+    demo_parser.add_argument("--seed", type=int, default=1)
     sim = sub.add_parser("simulate", help="write simulated Rocket.Chat presence traffic")
     sim.add_argument("--mongo-url", required=True, help="MongoDB URL naming the database")
     sim.add_argument("--users", type=_positive_int, default=50)
@@ -204,9 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return run()
     if args.command == "demo":
-        from presenced.testing.demo import demo as run_demo  # loads the testing extra
-
-        return run_demo(users=args.users, seed=args.seed)
+        return demo(users=args.users, seed=args.seed)
     if args.command == "simulate":
         return simulate(args)
     parser.error(f"unknown command {args.command}")
