@@ -18,6 +18,8 @@ from presenced.log import redact
 
 EX_OK = 0
 EX_FAIL = 1
+EX_USAGE: Final = 2
+"""A command line argparse cannot use (argparse's own status for usage errors)."""
 
 TESTING_EXTRA_MODULES: Final = ("mongomock_ng",)
 """Top-level modules that only the ``presenced[testing]`` extra installs."""
@@ -194,10 +196,13 @@ def simulate(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="presenced", description="Rocket.Chat presence daemon")
-    parser.add_argument("--version", action="version", version=f"presenced {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="presenced", description="Rocket.Chat presence daemon",
+        epilog="presenced COMMAND --help describes a command.",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"presenced {__version__}")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     sub.add_parser("check", help="print the effective settings and test the MongoDB connection")
     sub.add_parser("run", help="run the daemon (settings from the environment and .env)")
     demo_parser = sub.add_parser(
@@ -216,7 +221,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="crash one Rocket.Chat instance after this many simulated seconds")
     sim.add_argument("--duration", type=float, default=None, help="stop after N seconds")
     sim.add_argument("--report-every", type=float, default=5.0, help="seconds between lines")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        # Nothing was asked for: the help, on stdout, but not success (a script that lost
+        # its subcommand must not look as if it ran one); 2 as argparse's usage errors.
+        parser.print_help()
+        return EX_USAGE
     if args.command == "check":
         return check()
     if args.command == "run":
@@ -226,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "simulate":
         return simulate(args)
     parser.error(f"unknown command {args.command}")
-    return 2
+    return EX_USAGE
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Tests for presenced.cli, in-process: the demo without the testing extra."""
+"""Tests for presenced.cli, in-process: help and version, and the demo without the
+testing extra."""
 
 from __future__ import annotations
 
@@ -6,7 +7,37 @@ import sys
 
 import pytest
 
-from presenced import cli
+from presenced import __version__, cli
+
+
+def exit_code(argv: list[str]) -> object:
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    return stopped.value.code
+
+
+# --- help and version ------------------------------------------------------------------
+
+
+def test_bare_presenced_prints_the_help_on_stdout_and_exits_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main([]) == 2
+
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: presenced")
+    assert all(command in out for command in ("check", "run", "demo", "simulate"))
+    assert err == ""
+
+
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_version_flag_prints_the_version_and_exits_0(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert exit_code([flag]) == 0
+
+    assert capsys.readouterr().out == f"presenced {__version__}\n"
+
 
 # --- demo without the testing extra ------------------------------------------------------
 
