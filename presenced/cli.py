@@ -8,12 +8,14 @@ and each subcommand's top-level flow. It never reads environment variables itsel
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Final, TypeVar
 
 from presenced import __version__
-from presenced.config import Settings, SettingsError, load_settings
+from presenced.config import Settings, SettingsError, load_settings, settings_table_text
 from presenced.log import redact
 
 EX_OK = 0
@@ -196,15 +198,33 @@ def simulate(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _help_width() -> int:
+    """The width argparse wraps help to (the terminal's, less 2), for the settings list."""
+    return max(shutil.get_terminal_size().columns - 2, 40)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="presenced", description="Rocket.Chat presence daemon",
-        epilog="presenced COMMAND --help describes a command.",
+        epilog="presenced COMMAND --help describes a command; presenced run --help also lists"
+               " the settings.",
     )
     parser.add_argument("-V", "--version", action="version", version=f"presenced {__version__}")
     sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     sub.add_parser("check", help="print the effective settings and test the MongoDB connection")
-    sub.add_parser("run", help="run the daemon (settings from the environment and .env)")
+    width = _help_width()
+    sub.add_parser(
+        "run", help="run the daemon (settings from the environment and .env)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Run the daemon until SIGINT or SIGTERM. Exits 0 when stopped, 78 when a setting"
+            " is bad or MongoDB is not usable, 1 when the HTTP port cannot be served.", width),
+        epilog=textwrap.fill(
+            "Settings are read from the environment, then from a .env file in the working"
+            " directory (the environment wins); a secret may instead be given as NAME_FILE,"
+            " the path of a file holding it.", width)
+        + "\n\n" + settings_table_text(width),
+    )
     demo_parser = sub.add_parser(
         "demo", help="the daemon on the embedded MongoDB emulator with simulated Rocket.Chat"
                      " traffic",

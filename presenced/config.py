@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import textwrap
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ __all__ = [
     "Source",
     "load_settings",
     "settings_table_markdown",
+    "settings_table_text",
 ]
 
 Feed = Literal["auto", "oplog", "changestream"]
@@ -186,6 +188,32 @@ def settings_table_markdown() -> str:
         meaning = doc.meaning.replace("|", r"\|")
         lines.append(f"| `{doc.name}` | {doc.default} | {meaning} |")
     return "\n".join(lines) + "\n"
+
+
+def settings_table_text(width: int = 79) -> str:
+    """The settings table for a terminal (``presenced run --help``), from ``SETTINGS_TABLE``.
+
+    One entry per setting: its name and default on one line, its meaning below, wrapped
+    to ``width`` columns (a URL is never split, so its line may be longer). Markdown code
+    spans lose their backticks; a one-character span is quoted instead.
+    """
+    name_width = max(len(doc.name) for doc in SETTINGS_TABLE)
+    lines = [f"  {'setting'.ljust(name_width)}  default"]
+    for doc in SETTINGS_TABLE:
+        lines.append(f"  {doc.name.ljust(name_width)}  {_plain_text(doc.default)}")
+        lines += textwrap.wrap(
+            _plain_text(doc.meaning),
+            width=max(width, 20),
+            initial_indent="      ",
+            subsequent_indent="      ",
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plain_text(markdown: str) -> str:
+    return re.sub(r"`([^`]*)`", lambda m: f"'{m[1]}'" if len(m[1]) == 1 else m[1], markdown)
 
 
 class SettingsError(Exception):

@@ -1,13 +1,15 @@
-"""Tests for presenced.cli, in-process: help and version, and the demo without the
-testing extra."""
+"""Tests for presenced.cli, in-process: help and version (with the settings in
+``run --help``), and the demo without the testing extra."""
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
 
 from presenced import __version__, cli
+from presenced.config import SETTINGS_TABLE, settings_table_text
 
 
 def exit_code(argv: list[str]) -> object:
@@ -37,6 +39,37 @@ def test_version_flag_prints_the_version_and_exits_0(
     assert exit_code([flag]) == 0
 
     assert capsys.readouterr().out == f"presenced {__version__}\n"
+
+
+def test_run_help_lists_every_setting_with_its_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert exit_code(["run", "--help"]) == 0
+
+    out = capsys.readouterr().out
+    for doc in SETTINGS_TABLE:
+        default = doc.default.replace("`", "")
+        assert re.search(rf"^  {doc.name} +{re.escape(default)}$", out, re.MULTILINE), doc.name
+
+
+def test_run_help_gives_each_setting_its_meaning(capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(["run", "--help"]) == 0
+
+    words = " ".join(capsys.readouterr().out.split())
+    for doc in SETTINGS_TABLE:
+        assert " ".join(doc.meaning.replace("`", "").split()[:4]) in words, doc.name
+
+
+def test_settings_text_fits_the_width_it_is_given() -> None:
+    lines = settings_table_text(79).splitlines()
+
+    assert max(len(line) for line in lines) <= 79
+
+
+def test_settings_text_never_splits_a_url() -> None:
+    text = settings_table_text(40)
+
+    assert "mongodb://127.0.0.1:27017/local?replicaSet=rs0&authSource=admin" in text
 
 
 # --- demo without the testing extra ------------------------------------------------------
