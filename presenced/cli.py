@@ -28,9 +28,22 @@ TESTING_EXTRA_MODULES: Final = ("mongomock_ng",)
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is less than 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not more than 0")
     return value
 
 
@@ -211,7 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-V", "--version", action="version", version=f"presenced {__version__}")
     sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
-    sub.add_parser("check", help="print the effective settings and test the MongoDB connection")
+    sub.add_parser(
+        "check", help="print the effective settings and test the MongoDB connection",
+        description="Print the effective settings (secrets masked) and test the MongoDB"
+                    " connection. Exits 0 when MongoDB answers as a replica-set member, 1"
+                    " when it does not or cannot be reached, 78 when a setting is bad.",
+    )
     width = _help_width()
     sub.add_parser(
         "run", help="run the daemon (settings from the environment and .env)",
@@ -228,19 +246,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = sub.add_parser(
         "demo", help="the daemon on the embedded MongoDB emulator with simulated Rocket.Chat"
                      " traffic",
+        description="The daemon on the embedded MongoDB emulator with simulated Rocket.Chat"
+                    " traffic, printing each user's transitions; Ctrl-C stops it. Needs the"
+                    " testing extra: pip install 'presenced[testing]'.",
     )
-    demo_parser.add_argument("--users", type=_positive_int, default=40)
-    demo_parser.add_argument("--seed", type=int, default=1)
-    sim = sub.add_parser("simulate", help="write simulated Rocket.Chat presence traffic")
-    sim.add_argument("--mongo-url", required=True, help="MongoDB URL naming the database")
-    sim.add_argument("--users", type=_positive_int, default=50)
-    sim.add_argument("--instances", type=_positive_int, default=3)
-    sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--speed", type=float, default=1.0, help="simulated seconds per second")
+    demo_parser.add_argument("--users", type=_positive_int, default=40,
+                             help="simulated Rocket.Chat users (default: %(default)s)")
+    demo_parser.add_argument("--seed", type=int, default=1,
+                             help="random seed of the simulated traffic (default: %(default)s)")
+    sim = sub.add_parser(
+        "simulate", help="write simulated Rocket.Chat presence traffic",
+        description="Write simulated Rocket.Chat presence traffic into any MongoDB (use a"
+                    " test database) until Ctrl-C.",
+    )
+    sim.add_argument("--mongo-url", required=True,
+                     help="MongoDB URL naming the database (required)")
+    sim.add_argument("--users", type=_positive_int, default=50,
+                     help="simulated Rocket.Chat users (default: %(default)s)")
+    sim.add_argument("--instances", type=_positive_int, default=3,
+                     help="simulated Rocket.Chat instances (default: %(default)s)")
+    sim.add_argument("--seed", type=int, default=0,
+                     help="random seed of the simulated traffic (default: %(default)s)")
+    sim.add_argument("--speed", type=_positive_float, default=1.0,
+                     help="simulated seconds per second (default: %(default)s)")
     sim.add_argument("--crash-after", type=float, default=None,
-                     help="crash one Rocket.Chat instance after this many simulated seconds")
-    sim.add_argument("--duration", type=float, default=None, help="stop after N seconds")
-    sim.add_argument("--report-every", type=float, default=5.0, help="seconds between lines")
+                     help="crash one Rocket.Chat instance after this many simulated seconds"
+                          " (default: no crash)")
+    sim.add_argument("--duration", type=_positive_float, default=None,
+                     help="stop after this many seconds (default: run until Ctrl-C)")
+    sim.add_argument("--report-every", type=_positive_float, default=5.0,
+                     help="seconds between progress lines (default: %(default)s)")
     return parser
 
 

@@ -1,5 +1,6 @@
 """Tests for presenced.cli, in-process: help and version (with the settings in
-``run --help``), and the demo without the testing extra."""
+``run --help`` and the options' defaults), option checks, and the demo without the
+testing extra."""
 
 from __future__ import annotations
 
@@ -70,6 +71,45 @@ def test_settings_text_never_splits_a_url() -> None:
     text = settings_table_text(40)
 
     assert "mongodb://127.0.0.1:27017/local?replicaSet=rs0&authSource=admin" in text
+
+
+@pytest.mark.parametrize("command", ["demo", "simulate"])
+def test_every_option_of_the_command_shows_its_default_in_the_help(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # no help text wrapped
+    required = ["--mongo-url", "mongodb://h/db"] if command == "simulate" else []
+    defaults = vars(cli.build_parser().parse_args([command, *required]))
+
+    assert exit_code([command, "--help"]) == 0
+
+    # Each option's entry: "  --name METAVAR  help", the help maybe on the next line.
+    entries = re.findall(r"^  (--[\w-]+) \S+\s+(.*)$", capsys.readouterr().out, re.MULTILINE)
+    assert len(entries) == len(defaults) - 1  # every option but the command's name
+    for option, text in entries:
+        default = defaults[option[2:].replace("-", "_")]
+        if option in required:
+            assert "(required)" in text, option
+        elif default is None:
+            assert "(default: " in text, option
+        else:
+            assert f"(default: {default})" in text, option
+
+
+def test_a_non_positive_speed_is_refused_naming_the_option(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert exit_code(["simulate", "--mongo-url", "mongodb://h/db", "--speed", "0"]) == 2
+
+    assert "argument --speed: '0' is not more than 0" in capsys.readouterr().err
+
+
+def test_a_user_count_that_is_not_a_number_is_refused_naming_the_option(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert exit_code(["demo", "--users", "ten"]) == 2
+
+    assert "argument --users: 'ten' is not a whole number" in capsys.readouterr().err
 
 
 # --- demo without the testing extra ------------------------------------------------------
