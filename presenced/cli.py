@@ -1,30 +1,36 @@
 """Command line: ``presenced run``, ``check``, ``demo`` and ``simulate``.
 
 Owns: argument parsing, turning settings problems into exit status 78 with the message,
-and each subcommand's top-level flow. It never reads environment variables itself
-(config.py does) and never calls MongoDB except through what it is handed.
+a crash of the daemon into one redacted CRITICAL log line and exit status 70, and each
+subcommand's top-level flow. It never reads environment variables itself (config.py
+does) and never calls MongoDB except through what it is handed.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import shutil
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Final, TypeVar
 
 from presenced import __version__
 from presenced.config import Settings, SettingsError, load_settings, settings_table_text
 from presenced.log import redact
 
-EX_OK = 0
-EX_FAIL = 1
+EX_OK: Final = 0
+EX_FAIL: Final = 1
 EX_USAGE: Final = 2
 """A command line argparse cannot use (argparse's own status for usage errors)."""
+EX_SOFTWARE: Final = 70
+"""An unexpected exception, i.e. a bug (sysexits.h EX_SOFTWARE)."""
 
 TESTING_EXTRA_MODULES: Final = ("mongomock_ng",)
 """Top-level modules that only the ``presenced[testing]`` extra installs."""
+
+_BIND_ERRORS: Final = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
 
 
 def _positive_int(text: str) -> int:
@@ -110,35 +116,54 @@ def run() -> int:
     try:
         trio.run(Daemon(settings).run)
     except BaseException as exc:  # turned into a message and an exit status
-        from presenced.daemon import StartupProblem
-
-        problem = _find(exc, StartupProblem)
-        if problem is not None:
-            _err(f"presenced: cannot start: {problem}")
-            return StartupProblem.exit_code
-        port_error = _find(exc, OSError)
-        if port_error is not None:
-            _err(f"presenced: cannot serve HTTP on port {settings.health_check_port}: "
-                 f"{port_error.strerror}; set HEALTH_CHECK_PORT to a free port")
-            return EX_FAIL
-        if isinstance(exc, KeyboardInterrupt):
-            return EX_OK
-        raise
+        return _exit_status(exc, settings)
     return EX_OK
+
+
+def _exit_status(exc: BaseException, settings: Settings) -> int:
+    """The exit status for what stopped the daemon, after saying what it was on stderr."""
+    from presenced.daemon import StartupProblem
+
+    secrets = settings.secrets()
+    problem = _find(exc, StartupProblem)
+    if problem is not None:
+        _err(redact(f"presenced: cannot start: {problem}", secrets))
+        return StartupProblem.exit_code
+    bind_error = next(
+        (e for e in _leaves(exc) if isinstance(e, OSError) and e.errno in _BIND_ERRORS), None
+    )
+    if bind_error is not None:
+        fix = "a port above 1023" if bind_error.errno == errno.EACCES else "a free port"
+        _err(f"presenced: cannot serve HTTP on port {settings.health_check_port}: "
+             f"{bind_error.strerror}; set HEALTH_CHECK_PORT to {fix}")
+        return EX_FAIL
+    if all(isinstance(e, KeyboardInterrupt) for e in _leaves(exc)):
+        return EX_OK
+    from loguru import logger
+
+    # Through log.py's sink, which masks secrets in the traceback too; never to Python's
+    # excepthook, which would print the exception (and any URL in it) as it is.
+    logger.opt(exception=exc).critical(
+        "presenced stopped on an unexpected error; this is a bug, please report it with"
+        " this traceback"
+    )
+    return EX_SOFTWARE
 
 
 E = TypeVar("E", bound=BaseException)
 
 
 def _find(exc: BaseException, kind: type[E]) -> E | None:
-    if isinstance(exc, kind):
-        return exc
+    return next((e for e in _leaves(exc) if isinstance(e, kind)), None)
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, or every exception inside it when it is an exception group."""
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _find(inner, kind)
-            if found is not None:
-                return found
-    return None
+            yield from _leaves(inner)
+    else:
+        yield exc
 
 
 def demo(users: int, seed: int) -> int:
@@ -236,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.fill(
             "Run the daemon until SIGINT or SIGTERM. Exits 0 when stopped, 78 when a setting"
-            " is bad or MongoDB is not usable, 1 when the HTTP port cannot be served.", width),
+            " is bad or MongoDB is not usable, 1 when the HTTP port cannot be served, 70 on"
+            " a bug.", width),
         epilog=textwrap.fill(
             "Settings are read from the environment, then from a .env file in the working"
             " directory (the environment wins); a secret may instead be given as NAME_FILE,"

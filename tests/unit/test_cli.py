@@ -1,16 +1,63 @@
-"""Tests for presenced.cli, in-process: help and version (with the settings in
-``run --help`` and the options' defaults), option checks, and the demo without the
-testing extra."""
+"""Tests for presenced.cli, in-process: help and version, option checks, the demo without
+the testing extra, and how what stops ``presenced run`` becomes a message and an exit
+status (a crash: one redacted CRITICAL log line and 70).
+
+The daemon is replaced by a stand-in whose ``run`` raises what each test needs; the
+settings come from a cleaned environment and an empty working directory.
+"""
 
 from __future__ import annotations
 
+import errno
 import re
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import trio
 
+import presenced.daemon
 from presenced import __version__, cli
-from presenced.config import SETTINGS_TABLE, settings_table_text
+from presenced.config import SETTINGS_TABLE, Settings, settings_table_text
+from presenced.log import MASK, reset_logging
+
+PASSWORD = "hunter2-secret"
+MONGO_URL = f"mongodb://rocket:{PASSWORD}@127.0.0.1:1/rocketchat?replicaSet=rs0"
+
+
+@pytest.fixture
+def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Only MONGO_URL set, no .env file; logging reset afterwards."""
+    for doc in SETTINGS_TABLE:
+        monkeypatch.delenv(doc.name, raising=False)
+        monkeypatch.delenv(f"{doc.name}_FILE", raising=False)
+    monkeypatch.setenv("MONGO_URL", MONGO_URL)
+    monkeypatch.chdir(tmp_path)
+    yield
+    reset_logging()
+
+
+def daemon_raising(
+    monkeypatch: pytest.MonkeyPatch, exc: BaseException, *, in_task: bool = False
+) -> None:
+    """Make ``cli.run``'s daemon raise ``exc`` from ``run`` (or from a task it started)."""
+
+    class Crashing:
+        def __init__(self, settings: Settings) -> None:
+            self.settings = settings
+
+        async def run(self) -> None:
+            if not in_task:
+                raise exc
+
+            async def task() -> None:
+                raise exc
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(task)
+
+    monkeypatch.setattr(presenced.daemon, "Daemon", Crashing)
 
 
 def exit_code(argv: list[str]) -> object:
@@ -146,3 +193,91 @@ def test_demo_lets_an_import_error_of_its_own_code_through_as_a_bug(
 
     with pytest.raises(ImportError):
         cli.main(["demo"])
+
+
+# --- what stops `presenced run` --------------------------------------------------------
+
+
+@pytest.mark.usefixtures("environment")
+def test_a_crash_of_the_daemon_exits_70(monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon_raising(monkeypatch, RuntimeError("unexpected"))
+
+    assert cli.main(["run"]) == 70
+
+
+@pytest.mark.usefixtures("environment")
+def test_a_crash_is_logged_as_one_critical_line_with_its_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon_raising(monkeypatch, RuntimeError("unexpected"))
+
+    cli.main(["run"])
+
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if " CRITICAL " in line]) == 1
+    assert "Traceback (most recent call last)" in err
+    assert "RuntimeError: unexpected" in err
+
+
+@pytest.mark.usefixtures("environment")
+@pytest.mark.parametrize("in_task", [False, True], ids=["in-run", "in-a-task"])
+def test_a_crash_never_shows_a_secret_from_the_settings(
+    in_task: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon_raising(
+        monkeypatch,
+        ConnectionError(f"login to {MONGO_URL} failed: password {PASSWORD} refused"),
+        in_task=in_task,
+    )
+
+    assert cli.main(["run"]) == 70
+
+    out, err = capsys.readouterr()
+    assert PASSWORD not in out + err
+    assert f"mongodb://rocket:{MASK}@127.0.0.1:1" in err
+    assert f"password {MASK} refused" in err
+
+
+@pytest.mark.usefixtures("environment")
+def test_an_os_error_other_than_binding_the_port_is_a_crash(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon_raising(monkeypatch, FileNotFoundError(errno.ENOENT, "No such file"))
+
+    assert cli.main(["run"]) == 70
+    assert "HEALTH_CHECK_PORT" not in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("environment")
+def test_a_startup_problem_exits_78_with_its_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon_raising(monkeypatch, presenced.daemon.StartupProblem("MONGO_URL is not a replica set"))
+
+    assert cli.main(["run"]) == 78
+    assert capsys.readouterr().err == "presenced: cannot start: MONGO_URL is not a replica set\n"
+
+
+@pytest.mark.usefixtures("environment")
+def test_a_port_in_use_exits_1_saying_to_change_health_check_port(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon_raising(
+        monkeypatch, OSError(errno.EADDRINUSE, "Address already in use"), in_task=True
+    )
+
+    assert cli.main(["run"]) == 1
+    assert capsys.readouterr().err == (
+        "presenced: cannot serve HTTP on port 3005: Address already in use; set"
+        " HEALTH_CHECK_PORT to a free port\n"
+    )
+
+
+@pytest.mark.usefixtures("environment")
+def test_ctrl_c_exits_0_without_a_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon_raising(monkeypatch, KeyboardInterrupt())
+
+    assert cli.main(["run"]) == 0
+    assert capsys.readouterr().err == ""
