@@ -19,22 +19,50 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from types import MappingProxyType
+from typing import Final
 
 
 class Status(StrEnum):
-    """A presence status as Rocket.Chat stores it; ``wire`` is its number on the wire."""
+    """A presence status as Rocket.Chat stores it."""
 
     ONLINE = "online"
     AWAY = "away"
     BUSY = "busy"
     OFFLINE = "offline"
 
+
+USER_FIELDS: Final = (
+    "username",
+    "active",
+    "statusDefault",
+    "status",
+    "statusConnection",
+    "statusText",
+    "roles",
+    "type",
+)
+"""The top-level ``users`` fields presence reads (the derivation, and the event payload).
+The loader projects ``users`` to these; a feed ignores a change that touches none of them."""
+
+
+@dataclass(frozen=True, slots=True)
+class Collections:
+    """Where the contract's documents live: the database and the collection names.
+
+    The names default to Rocket.Chat's; a deployment may rename them. ``checkpoints`` is
+    presenced's own bookkeeping collection.
+    """
+
+    database: str
+    users: str = "users"
+    sessions: str = "usersSessions"
+    instances: str = "instances"
+    checkpoints: str = "presenced_checkpoints"
+
     @property
-    def wire(self) -> int:
-        return _WIRE[self]
-
-
-_WIRE = {Status.OFFLINE: 0, Status.ONLINE: 1, Status.AWAY: 2, Status.BUSY: 3}
+    def names(self) -> tuple[str, str, str]:
+        """The three Rocket.Chat collection names presence watches, users first."""
+        return (self.users, self.sessions, self.instances)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
 _STATUS_VALUES = frozenset(status.value for status in Status)
@@ -64,12 +92,10 @@ class Connection:
 
 @dataclass(frozen=True, slots=True)
 class UserState:
-    """What derivation reads from a ``users`` document, plus what is stored there now."""
+    """What derivation reads from a ``users`` document."""
 
     active: bool = True
     status_default: Status = Status.ONLINE
-    stored_status: Status | None = None
-    stored_status_connection: Status | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,9 +209,9 @@ def parse_user(raw: Mapping[str, object]) -> tuple[UserState, list[str]]:
 
     ``active`` missing means active; only ``False`` deactivates (anything else is
     ``user_bad_active``). ``statusDefault`` missing or null means online; an unknown value
-    is read as online and reported as ``user_bad_status_default``. The stored ``status`` /
-    ``statusConnection`` are None when missing or unknown (unknown is reported as
-    ``user_bad_status`` / ``user_bad_status_connection``), so that a write replaces them.
+    is read as online and reported as ``user_bad_status_default``. A stored ``status`` /
+    ``statusConnection`` that is set but not a known status is reported as
+    ``user_bad_status`` / ``user_bad_status_connection`` (the write replaces it).
     """
     reasons: list[str] = []
     active = raw.get("active", True)
@@ -201,9 +227,9 @@ def parse_user(raw: Mapping[str, object]) -> tuple[UserState, list[str]]:
         return status
 
     status_default = status_field("statusDefault", "user_bad_status_default") or Status.ONLINE
-    stored_status = status_field("status", "user_bad_status")
-    stored_status_connection = status_field("statusConnection", "user_bad_status_connection")
-    return UserState(active, status_default, stored_status, stored_status_connection), reasons
+    status_field("status", "user_bad_status")
+    status_field("statusConnection", "user_bad_status_connection")
+    return UserState(active, status_default), reasons
 
 
 def parse_instances(docs: Iterable[object]) -> tuple[dict[str, int | None], list[str]]:
@@ -296,19 +322,92 @@ def reapable(
     ttl_ms: int,
     liveness: InstanceLiveness,
 ) -> list[Connection]:
-    """The connections that no longer count (stale or on a dead instance), in array order.
-
-    These are what the reaper may remove with its guarded ``$pull``.
-    """
+    """The connections that no longer count (stale or on a dead instance), in array order."""
     return [conn for conn in connections if not counts(conn, now_ms, ttl_ms, liveness)]
 
 
+@dataclass(frozen=True, slots=True)
+class ReapPlan:
+    """What the reaper's guarded pull removes from one user's connections.
+
+    The pull is ``{$pull: {connections: {id: {$in: connection_ids}, _updatedAt: {$lte:
+    cutoff}}}}``: every entry with a listed id and an ``_updatedAt`` at or before
+    ``cutoff_ms`` goes, so a heartbeat that lands between the read and the pull keeps its
+    connection.
+    """
+
+    connection_ids: tuple[str, ...]
+    cutoff_ms: int
+
+
+def reap_plan(
+    connections: Iterable[Connection],
+    now_ms: int,
+    ttl_ms: int,
+    liveness: InstanceLiveness,
+) -> ReapPlan | None:
+    """The guarded pull that removes what no longer counts and nothing that does; None when
+    there is nothing to pull.
+
+    Ids are deduplicated and the cutoff is the newest ``_updatedAt`` among the entries to
+    remove. Because the pull matches by id and cutoff, an id that also names a connection
+    that still counts and is not newer than that cutoff (the same id on a dead and on a
+    live instance, or a login repeated on one connection) would take the live entry with
+    it: such an id is left out this round. Leaving ids out only lowers the cutoff, so no
+    counted entry of a kept id can fall under it. The dead copy goes once its own cutoff is
+    older than every live entry of that id.
+    """
+    listed = list(connections)
+    dead = [conn for conn in listed if not counts(conn, now_ms, ttl_ms, liveness)]
+    if not dead:
+        return None
+    cutoff = max(conn.updated_ms for conn in dead)
+    blocked = {
+        conn.id
+        for conn in listed
+        if conn.updated_ms <= cutoff and counts(conn, now_ms, ttl_ms, liveness)
+    }
+    kept = [conn for conn in dead if conn.id not in blocked]
+    if not kept:
+        return None
+    return ReapPlan(
+        connection_ids=tuple(dict.fromkeys(conn.id for conn in kept)),
+        cutoff_ms=max(conn.updated_ms for conn in kept),
+    )
+
+
+class Absent:
+    """The value of a field a document does not have (distinct from a stored null)."""
+
+    _instance: Absent | None = None
+
+    def __new__(cls) -> Absent:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+    def __reduce__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT: Final = Absent()
+"""The one :class:`Absent` value."""
+
+
 def needs_write(
-    stored_status: str | None,
-    stored_status_connection: str | None,
-    presence: Presence,
+    stored_status: object, stored_status_connection: object, presence: Presence
 ) -> bool:
-    """True only if the stored ``status`` or ``statusConnection`` differs from ``presence``."""
-    return (
-        stored_status != presence.status or stored_status_connection != presence.status_connection
+    """True only if the stored ``status`` or ``statusConnection`` differs from ``presence``.
+
+    The stored values are compared as read: any value that is not exactly the derived
+    status string (a number, null, :data:`ABSENT`, ...) differs.
+    """
+    return not (
+        isinstance(stored_status, str)
+        and stored_status == presence.status
+        and isinstance(stored_status_connection, str)
+        and stored_status_connection == presence.status_connection
     )

@@ -14,11 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from presenced.presence import (
+    ABSENT,
     NO_INSTANCES,
     OFFLINE_PRESENCE,
     Connection,
     InstanceLiveness,
     Presence,
+    ReapPlan,
     Status,
     UserState,
     counts,
@@ -29,6 +31,7 @@ from presenced.presence import (
     parse_connections,
     parse_instances,
     parse_user,
+    reap_plan,
     reapable,
     to_ms,
 )
@@ -351,6 +354,54 @@ def test_reapable_is_empty_when_everything_counts() -> None:
     assert reapable([conn(ONLINE), conn(AWAY, TTL, cid="c2")], NOW, TTL, NO_INSTANCES) == []
 
 
+# --- reap_plan ----------------------------------------------------------------------------
+
+
+def guarded_pull(connections: list[Connection], plan: ReapPlan | None) -> list[Connection]:
+    """What MongoDB leaves after the reaper's ``$pull`` with ``plan``."""
+    if plan is None:
+        return connections
+    return [
+        c for c in connections
+        if not (c.id in plan.connection_ids and c.updated_ms <= plan.cutoff_ms)
+    ]
+
+
+def test_reap_plan_never_pulls_a_live_connection_sharing_an_id_with_a_dead_one() -> None:
+    # The case that took a live connection: c1 live (10 s old), a second c1 on a dead
+    # instance (5 s old), c2 stale. Pulling [c1, c2] up to the dead c1's _updatedAt would
+    # remove the live c1 too.
+    liveness = live(i_live=0)
+    live_c1 = conn(ONLINE, 10 * SECOND, "c1", "i_live")
+    dead_c1 = conn(ONLINE, 5 * SECOND, "c1", "i_dead")
+    stale_c2 = conn(AWAY, TTL + 1, "c2", "i_live")
+    plan = reap_plan([live_c1, dead_c1, stale_c2], NOW, TTL, liveness)
+    assert plan == ReapPlan(("c2",), stale_c2.updated_ms)
+    assert guarded_pull([live_c1, dead_c1, stale_c2], plan) == [live_c1, dead_c1]
+
+
+def test_reap_plan_takes_a_dead_copy_once_it_is_older_than_every_live_one() -> None:
+    liveness = live(i_live=0)
+    live_c1 = conn(ONLINE, 5 * SECOND, "c1", "i_live")
+    dead_c1 = conn(ONLINE, 10 * SECOND, "c1", "i_dead")
+    plan = reap_plan([live_c1, dead_c1], NOW, TTL, liveness)
+    assert plan == ReapPlan(("c1",), dead_c1.updated_ms)
+    assert guarded_pull([live_c1, dead_c1], plan) == [live_c1]
+
+
+def test_reap_plan_deduplicates_ids_and_takes_the_newest_cutoff() -> None:
+    old = conn(AWAY, TTL + 5, "c1", None)
+    older = conn(AWAY, TTL + 9, "c1", None)
+    other = conn(ONLINE, TTL + 1, "c2", None)
+    assert reap_plan([old, older, other], NOW, TTL, NO_INSTANCES) == ReapPlan(
+        ("c1", "c2"), other.updated_ms
+    )
+
+
+def test_reap_plan_is_none_when_everything_counts() -> None:
+    assert reap_plan([conn(ONLINE), conn(AWAY, TTL, "c2")], NOW, TTL, NO_INSTANCES) is None
+
+
 # --- needs_write --------------------------------------------------------------------------
 
 
@@ -362,12 +413,15 @@ def test_reapable_is_empty_when_everything_counts() -> None:
         pytest.param(ONLINE, ONLINE, pair(AWAY, ONLINE), True, id="status-differs"),
         pytest.param(BUSY, ONLINE, pair(BUSY, AWAY), True, id="status-connection-differs"),
         pytest.param(None, None, OFFLINE_PRESENCE, True, id="never-written"),
-        pytest.param(OFFLINE, None, OFFLINE_PRESENCE, True, id="status-connection-missing"),
+        pytest.param(OFFLINE, None, OFFLINE_PRESENCE, True, id="status-connection-null"),
+        pytest.param(ABSENT, ABSENT, OFFLINE_PRESENCE, True, id="both-missing"),
+        pytest.param(17, "online", pair(ONLINE, ONLINE), True, id="status-a-number"),
+        pytest.param("online", ["online"], pair(ONLINE, ONLINE), True, id="an-array"),
     ],
 )
 def test_needs_write_only_when_a_field_differs(
-    stored_status: str | None,
-    stored_status_connection: str | None,
+    stored_status: object,
+    stored_status_connection: object,
     presence: Presence,
     expected: bool,
 ) -> None:
@@ -411,11 +465,6 @@ def test_to_ms_floors_microseconds_like_bson() -> None:
 
 def test_from_ms_is_an_aware_utc_datetime() -> None:
     assert from_ms(T_MS) == datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
-
-
-def test_status_wire_values() -> None:
-    assert [ONLINE.wire, AWAY.wire, BUSY.wire, OFFLINE.wire] == [1, 2, 3, 0]
-    assert [str(s) for s in (ONLINE, AWAY, BUSY, OFFLINE)] == ["online", "away", "busy", "offline"]
 
 
 def test_parse_connections_decodes_a_rocketchat_entry() -> None:
@@ -498,31 +547,31 @@ def test_parse_connections_reads_a_null_instance_id_as_absent_silently() -> None
 @pytest.mark.parametrize(
     ("raw", "expected", "reasons"),
     [
-        pytest.param({}, UserState(True, ONLINE, None, None), [], id="empty"),
+        pytest.param({}, UserState(True, ONLINE), [], id="empty"),
         pytest.param(
             {"active": False, "statusDefault": "busy", "status": "offline"},
-            UserState(False, BUSY, OFFLINE, None),
+            UserState(False, BUSY),
             [],
             id="inactive-busy",
         ),
         pytest.param(
             {"active": True, "status": "away", "statusConnection": "online"},
-            UserState(True, ONLINE, AWAY, ONLINE),
+            UserState(True, ONLINE),
             [],
             id="stored-pair",
         ),
         pytest.param(
-            {"active": "no"}, UserState(True, ONLINE, None, None), ["user_bad_active"], id="active"
+            {"active": "no"}, UserState(True, ONLINE), ["user_bad_active"], id="active"
         ),
         pytest.param(
             {"statusDefault": "dnd"},
-            UserState(True, ONLINE, None, None),
+            UserState(True, ONLINE),
             ["user_bad_status_default"],
             id="status-default",
         ),
         pytest.param(
             {"status": 1, "statusConnection": "here"},
-            UserState(True, ONLINE, None, None),
+            UserState(True, ONLINE),
             ["user_bad_status", "user_bad_status_connection"],
             id="stored-garbage",
         ),
@@ -679,6 +728,27 @@ def test_reapable_is_exactly_what_does_not_count(
     kept = [c for c in connections if c not in reaped]
     assert all(not counts(c, now, ttl, liveness) for c in reaped)
     assert all(counts(c, now, ttl, liveness) for c in kept)
+
+
+@given(scenarios())
+def test_the_reap_plan_pulls_only_what_does_not_count_and_something_when_it_can(
+    scenario: tuple[UserState, list[Connection], int, int, InstanceLiveness],
+) -> None:
+    _, connections, now, ttl, liveness = scenario
+    plan = reap_plan(connections, now, ttl, liveness)
+    left = guarded_pull(connections, plan)
+    counted = [c for c in connections if counts(c, now, ttl, liveness)]
+    assert [c for c in left if counts(c, now, ttl, liveness)] == counted
+    if plan is not None:
+        assert len(left) < len(connections)
+    else:
+        dead = [c for c in connections if not counts(c, now, ttl, liveness)]
+        # Nothing pullable: every dead entry shares its id with a live one not newer.
+        assert all(
+            any(c.id == d.id and c.updated_ms <= max(x.updated_ms for x in dead)
+                for c in counted)
+            for d in dead
+        )
 
 
 JUNK = st.recursive(
