@@ -15,7 +15,11 @@ takes ``now_ms`` (integer milliseconds since the epoch) and returns what the cal
 do. The loader feeds it freshly read documents, the writer reports back with ``confirm`` or
 ``conflict``, and the run loop sleeps until ``next_deadline``. The rules themselves live in
 ``presence.py``; this module only decides when to apply them and remembers the results.
-Malformed documents never raise: the reasons ``presence.parse_*`` gives are counted.
+Malformed documents never raise: each refused document is kept as a :class:`Refused` (its
+id, the reasons ``presence.parse_*`` gave, a text of the bad values) for the caller to take
+with ``take_refused`` and report. The stored ``status``/``statusConnection`` are kept exactly
+as read (any BSON value, or ``presence.ABSENT``), so a planned write expects what is really
+there and can replace whatever it is.
 
 Cached entries are frozen and replaced, never mutated, so a value handed out (a
 ``PlannedWrite``, a ``Transition``, a ``ReapCandidate``) never changes behind its holder.
@@ -29,52 +33,54 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Final
 
 from cachetools import Cache, LRUCache
 
 from presenced.presence import (
+    ABSENT,
     NO_INSTANCES,
     Connection,
     InstanceLiveness,
     Presence,
+    ReapPlan,
     Status,
     UserState,
-    counts,
     derive,
     from_ms,
     needs_write,
     next_change_ms,
     parse_connections,
-    parse_instances,
     parse_user,
+    reap_plan,
 )
-from presenced.presence import reapable as presence_reapable
 
 __all__ = [
-    "REASONS",
     "Engine",
     "EngineStats",
     "PlannedWrite",
     "ReapCandidate",
+    "Reason",
+    "Refused",
     "Transition",
 ]
 
-REASON_CONNECTIONS: Final = "connections"
-"""The user's ``usersSessions`` document changed (connect, heartbeat, away, disconnect)."""
-REASON_USER: Final = "user"
-"""The user's ``users`` document changed (``statusDefault``, ``active``, stored status)."""
-REASON_STALE: Final = "stale"
-"""A timer fired: a connection stopped counting with no new data."""
-REASON_INSTANCE: Final = "instance"
-"""The ``instances`` collection changed (an instance appeared, disappeared or died)."""
-REASON_RECONCILE: Final = "reconcile"
-"""Start-up or a partition change: the user is checked from scratch."""
-REASONS: Final = frozenset(
-    {REASON_CONNECTIONS, REASON_USER, REASON_STALE, REASON_INSTANCE, REASON_RECONCILE}
-)
-"""Why a user was (re)derived; the label of the decision metrics."""
+class Reason(StrEnum):
+    """Why a user was (re)derived: the label of the decision metrics."""
+
+    CONNECTIONS = "connections"
+    """A feed key: the user's ``usersSessions`` or ``users`` document changed."""
+    STALE = "stale"
+    """A timer fired: a connection stopped counting with no new data."""
+    INSTANCE = "instance"
+    """The ``instances`` collection changed (an instance appeared, disappeared or died)."""
+    RECONCILE = "reconcile"
+    """Start-up, a lost feed position or a resync: the user is checked from scratch."""
+    RETRY = "retry"
+    """A read or write about the user failed earlier, or met a concurrent change."""
+
 
 _STATUS_VALUES: Final = frozenset(status.value for status in Status)
 
@@ -90,13 +96,14 @@ class Transition:
     username: str | None
     previous: Presence | None
     current: Presence
-    reason: str
+    reason: Reason
 
 
 @dataclass(frozen=True, slots=True)
 class PlannedWrite:
     """Set the user's ``status``/``statusConnection`` to ``presence``, if they still hold the
-    expected values (the raw values read, None for missing or not a string).
+    expected values: exactly what was read, whatever its BSON type, or
+    :data:`~presenced.presence.ABSENT` for a missing field.
 
     ``reason`` and ``username`` travel with the write so that ``confirm`` can announce the
     transition even if the user left the cache in the meantime.
@@ -104,29 +111,46 @@ class PlannedWrite:
 
     user_id: Any
     presence: Presence
-    expected_status: str | None
-    expected_status_connection: str | None
-    reason: str = REASON_RECONCILE
+    expected_status: object
+    expected_status_connection: object
+    reason: Reason = Reason.RECONCILE
     username: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ReapCandidate:
-    """Connections of one user that no longer count, for the reaper's guarded ``$pull``.
-
-    ``cutoff_ms`` is the largest ``_updatedAt`` among them: the pull removes an entry only
-    if its id is listed and its ``_updatedAt`` is at or before the cutoff, so a heartbeat
-    that lands between the read and the pull keeps the connection.
-    """
+    """One user's :class:`~presenced.presence.ReapPlan`, for the reaper's guarded ``$pull``."""
 
     user_id: Any
-    connection_ids: tuple[str, ...]
-    cutoff_ms: int
+    plan: ReapPlan
+
+    @property
+    def connection_ids(self) -> tuple[str, ...]:
+        return self.plan.connection_ids
+
+    @property
+    def cutoff_ms(self) -> int:
+        return self.plan.cutoff_ms
 
     @property
     def cutoff(self) -> datetime:
         """The cutoff as the aware UTC datetime the ``$pull`` filter compares with."""
-        return from_ms(self.cutoff_ms)
+        return from_ms(self.plan.cutoff_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A document (or part of one) that could not be used as read.
+
+    ``kind`` is ``"users"`` or ``"sessions"``; ``reasons`` are the parse reasons;
+    ``content`` is a short text of the offending values, so the same bad content read
+    again can be told from new bad content.
+    """
+
+    kind: str
+    doc_id: Any
+    reasons: tuple[str, ...]
+    content: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +159,6 @@ class EngineStats:
 
     users_tracked: int
     timers_pending: int
-    malformed: Mapping[str, int]
     writes_planned: Mapping[str, int]
     transitions: Mapping[str, int]
     evictions: int
@@ -148,8 +171,8 @@ class _CachedUser:
     username: str | None
     state: UserState
     connections: tuple[Connection, ...]
-    stored_status: str | None
-    stored_status_connection: str | None
+    stored_status: object
+    stored_status_connection: object
     instance_ids: frozenset[str]
     answer: Presence
     confirmed: bool = False
@@ -176,15 +199,41 @@ class _UserCache(LRUCache[Any, _CachedUser]):
         return [(user_id, Cache.__getitem__(self, user_id)) for user_id in list(self)]
 
 
-def _raw_status(value: object) -> str | None:
-    """The stored value as the write's filter must expect it: a string, else None."""
-    return value if isinstance(value, str) else None
-
-
-def _as_presence(status: str | None, status_connection: str | None) -> Presence | None:
-    if status in _STATUS_VALUES and status_connection in _STATUS_VALUES:
+def _as_presence(status: object, status_connection: object) -> Presence | None:
+    if (
+        type(status) is str
+        and type(status_connection) is str
+        and status in _STATUS_VALUES
+        and status_connection in _STATUS_VALUES
+    ):
         return Presence(Status(status), Status(status_connection))
     return None
+
+
+_USER_FIELD_OF_REASON: Final = {
+    "user_bad_active": "active",
+    "user_bad_status_default": "statusDefault",
+    "user_bad_status": "status",
+    "user_bad_status_connection": "statusConnection",
+}
+
+
+def _bad_user_content(doc: Mapping[str, Any], reasons: Iterable[str]) -> str:
+    fields = sorted({_USER_FIELD_OF_REASON.get(r, r) for r in reasons})
+    return repr([(field, doc.get(field)) for field in fields])[:500]
+
+
+def _bad_connections_content(raw: object) -> str:
+    """The refused entries, with dates replaced by their type: a heartbeat that moves the
+    ``_updatedAt`` of a bad entry does not make it new bad content."""
+    if not isinstance(raw, list):
+        return repr(raw)[:500]
+    bad = [
+        {k: "<date>" if isinstance(v, datetime) else v for k, v in entry.items()}
+        if isinstance(entry, Mapping) else entry
+        for entry in raw if parse_connections([entry])[1]
+    ]
+    return repr(bad)[:500]
 
 
 class Engine:
@@ -214,15 +263,16 @@ class Engine:
         self._heap: list[tuple[int, int, Any]] = []
         self._timer_token: dict[Any, int] = {}
         self._tokens = itertools.count()
-        self._malformed: Counter[str] = Counter()
+        self._refused: list[Refused] = []
         self._writes_planned: Counter[str] = Counter()
         self._transitions: Counter[str] = Counter()
         self._evictions = 0
 
     # ------------------------------------------------------------------ instances
 
-    def set_instances(self, docs: Iterable[Mapping[str, Any]], now_ms: int) -> list[Any]:
-        """Replace the view of the ``instances`` collection.
+    def set_instances(self, updated_ms: Mapping[str, int | None], now_ms: int) -> list[Any]:
+        """Replace the view of the ``instances`` collection with ``updated_ms`` (instance id
+        to ``_updatedAt`` in ms, as ``presence.parse_instances`` gives it).
 
         Returns the cached users whose answer may have changed, for the caller to
         ``evaluate`` with reason ``"instance"``: those with a connection on an instance
@@ -232,8 +282,6 @@ class Engine:
         usual heartbeat of an instance) needs nothing: the user's timer fires early, the
         answer is unchanged, and ``evaluate`` schedules the later instant.
         """
-        updated_ms, reasons = parse_instances(docs)
-        self._malformed.update(reasons)
         old, new = self._liveness, InstanceLiveness(updated_ms, self._instance_timeout_ms)
         self._liveness = new
         affected: dict[Any, None] = {}
@@ -262,7 +310,7 @@ class Engine:
         user_doc: Mapping[str, Any] | None,
         sessions_doc: Mapping[str, Any] | None,
         now_ms: int,
-        reason: str,
+        reason: Reason,
     ) -> PlannedWrite | None:
         """Take freshly read documents for a user, derive, reschedule, maybe plan a write.
 
@@ -274,22 +322,26 @@ class Engine:
             self.forget(user_id)
             return None
         if not isinstance(user_doc, Mapping):
-            self._malformed["user_not_a_document"] += 1
+            self._refuse("users", user_id, ["user_not_a_document"], repr(user_doc)[:500])
             self.forget(user_id)
             return None
         state, user_reasons = parse_user(user_doc)
-        self._malformed.update(user_reasons)
+        if user_reasons:
+            self._refuse("users", user_id, user_reasons, _bad_user_content(user_doc, user_reasons))
         raw_connections: object = None
         if isinstance(sessions_doc, Mapping):
             raw_connections = sessions_doc.get("connections")
         elif sessions_doc is not None:
-            self._malformed["sessions_not_a_document"] += 1
+            self._refuse("sessions", user_id, ["sessions_not_a_document"], repr(sessions_doc)[:500])
         connections, connection_reasons = parse_connections(raw_connections)
-        self._malformed.update(connection_reasons)
+        if connection_reasons:
+            self._refuse(
+                "sessions", user_id, connection_reasons, _bad_connections_content(raw_connections)
+            )
         username = user_doc.get("username")
         previous = self._users.get(user_id)
-        stored_status = _raw_status(user_doc.get("status"))
-        stored_status_connection = _raw_status(user_doc.get("statusConnection"))
+        stored_status = user_doc.get("status", ABSENT)
+        stored_status_connection = user_doc.get("statusConnection", ABSENT)
         cached = _CachedUser(
             username=username if isinstance(username, str) else None,
             state=state,
@@ -300,14 +352,14 @@ class Engine:
             answer=derive(state, connections, now_ms, self._ttl_ms, self._liveness),
             confirmed=previous is not None
             and previous.confirmed
-            and (previous.stored_status, previous.stored_status_connection)
-            == (stored_status, stored_status_connection),
+            and _same_value(previous.stored_status, stored_status)
+            and _same_value(previous.stored_status_connection, stored_status_connection),
         )
         self._users[user_id] = cached
         self._reindex(user_id, previous.instance_ids if previous else frozenset(), cached)
         return self._settle(user_id, cached, now_ms, reason)
 
-    def evaluate(self, user_id: Any, now_ms: int, reason: str) -> PlannedWrite | None:
+    def evaluate(self, user_id: Any, now_ms: int, reason: Reason) -> PlannedWrite | None:
         """Re-derive a cached user at ``now_ms`` from what was last read (no new read).
 
         For a timer that fired or an instance change. An unknown user (never loaded,
@@ -324,7 +376,7 @@ class Engine:
         return self._settle(user_id, cached, now_ms, reason)
 
     def _settle(
-        self, user_id: Any, cached: _CachedUser, now_ms: int, reason: str
+        self, user_id: Any, cached: _CachedUser, now_ms: int, reason: Reason
     ) -> PlannedWrite | None:
         """Schedule the user's next change and plan the write the answer calls for, if any."""
         at = next_change_ms(cached.connections, now_ms, self._ttl_ms, self._liveness)
@@ -362,8 +414,11 @@ class Engine:
         cached = self._users.get(write.user_id)
         username = write.username
         if cached is not None:
-            stored = (cached.stored_status, cached.stored_status_connection)
-            if cached.confirmed and stored == (new_status, new_status_connection):
+            if (
+                cached.confirmed
+                and _same_value(cached.stored_status, new_status)
+                and _same_value(cached.stored_status_connection, new_status_connection)
+            ):
                 return None
             self._users[write.user_id] = replace(
                 cached,
@@ -457,36 +512,34 @@ class Engine:
     # ------------------------------------------------------------------ reaper
 
     def reapable(self, now_ms: int) -> list[ReapCandidate]:
-        """Per cached user, the connections that no longer count, with the pull's cutoff.
-
-        Ids are deduplicated (a duplicated entry is one id in the ``$in``). The cutoff is the
-        largest ``_updatedAt`` among them. An id that also names a connection that still
-        counts and is not newer than that cutoff (the same id on a dead and on a live
-        instance) is left out this round, so the guarded pull cannot remove a counted entry;
-        its dead copy goes once it is stale, when its cutoff is older than the live one.
-        """
+        """Per cached user, the reaper's plan (``presence.reap_plan``): the connections that
+        no longer count, never an id that would also pull a counted one."""
         candidates: list[ReapCandidate] = []
         for user_id, cached in self._users.peek_items():
-            dead = presence_reapable(cached.connections, now_ms, self._ttl_ms, self._liveness)
-            if not dead:
-                continue
-            cutoff = max(conn.updated_ms for conn in dead)
-            blocked = {
-                conn.id
-                for conn in cached.connections
-                if conn.updated_ms <= cutoff and counts(conn, now_ms, self._ttl_ms, self._liveness)
-            }
-            kept = [conn for conn in dead if conn.id not in blocked]
-            if not kept:
-                continue
-            candidates.append(
-                ReapCandidate(
-                    user_id=user_id,
-                    connection_ids=tuple(dict.fromkeys(conn.id for conn in kept)),
-                    cutoff_ms=max(conn.updated_ms for conn in kept),
-                )
-            )
+            plan = reap_plan(cached.connections, now_ms, self._ttl_ms, self._liveness)
+            if plan is not None:
+                candidates.append(ReapCandidate(user_id, plan))
         return candidates
+
+    @property
+    def liveness(self) -> InstanceLiveness:
+        """The instances view last given to ``set_instances``."""
+        return self._liveness
+
+    @property
+    def ttl_ms(self) -> int:
+        return self._ttl_ms
+
+    # ------------------------------------------------------------------ refused input
+
+    def _refuse(self, kind: str, doc_id: Any, reasons: Iterable[str], content: str) -> None:
+        self._refused.append(Refused(kind, doc_id, tuple(reasons), content))
+
+    def take_refused(self) -> list[Refused]:
+        """The documents refused since the last call (each read counts: the caller decides
+        what is new), oldest first."""
+        refused, self._refused = self._refused, []
+        return refused
 
     # ------------------------------------------------------------------ metrics
 
@@ -495,8 +548,12 @@ class Engine:
         return EngineStats(
             users_tracked=len(self._users),
             timers_pending=len(self._timer_token),
-            malformed=MappingProxyType(dict(self._malformed)),
             writes_planned=MappingProxyType(dict(self._writes_planned)),
             transitions=MappingProxyType(dict(self._transitions)),
             evictions=self._evictions,
         )
+
+
+def _same_value(a: object, b: object) -> bool:
+    """Equal and of the same type (``1 == True`` and ``1 == 1.0`` are not the same value)."""
+    return type(a) is type(b) and a == b

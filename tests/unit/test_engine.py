@@ -13,11 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from presenced.engine import Engine, PlannedWrite, ReapCandidate, Transition
+from presenced.engine import Engine, PlannedWrite, ReapCandidate, Reason, Refused, Transition
 from presenced.presence import (
+    ABSENT,
     OFFLINE_PRESENCE,
     InstanceLiveness,
     Presence,
+    ReapPlan,
     Status,
     derive,
     from_ms,
@@ -32,6 +34,8 @@ TTL = 300 * SECOND
 TIMEOUT = 60 * SECOND
 
 ONLINE, AWAY, BUSY, OFFLINE = Status.ONLINE, Status.AWAY, Status.BUSY, Status.OFFLINE
+CONNECTIONS, STALE = Reason.CONNECTIONS, Reason.STALE
+INSTANCE, RECONCILE = Reason.INSTANCE, Reason.RECONCILE
 
 
 def user_doc(
@@ -71,13 +75,18 @@ def instance(iid: str, updated_ms: int = NOW) -> dict[str, Any]:
     return {"_id": iid, "_updatedAt": from_ms(updated_ms)}
 
 
+def set_instances(e: Engine, docs: list[Any], now_ms: int) -> list[Any]:
+    """``Engine.set_instances`` with the documents parsed as the caller parses them."""
+    return e.set_instances(parse_instances(docs)[0], now_ms)
+
+
 def engine(max_users: int = 1_000) -> Engine:
     return Engine(ttl_ms=TTL, instance_timeout_ms=TIMEOUT, max_users=max_users)
 
 
 def connected(e: Engine, uid: str = "u1", **conn_fields: Any) -> PlannedWrite:
     """Load a user with one connection, confirm the write it plans, return that write."""
-    write = e.load(uid, user_doc(uid), sessions(uid, conn(**conn_fields)), NOW, "connections")
+    write = e.load(uid, user_doc(uid), sessions(uid, conn(**conn_fields)), NOW, CONNECTIONS)
     assert write is not None
     e.confirm(write, NOW)
     return write
@@ -88,13 +97,13 @@ def connected(e: Engine, uid: str = "u1", **conn_fields: Any) -> PlannedWrite:
 
 def test_connect_plans_online_write_against_stored_offline() -> None:
     e = engine()
-    write = e.load("u1", user_doc(), sessions("u1", conn()), NOW, "connections")
+    write = e.load("u1", user_doc(), sessions("u1", conn()), NOW, CONNECTIONS)
     assert write == PlannedWrite(
         user_id="u1",
         presence=Presence(ONLINE, ONLINE),
         expected_status="offline",
         expected_status_connection="offline",
-        reason="connections",
+        reason=CONNECTIONS,
         username="name-u1",
     )
 
@@ -102,38 +111,50 @@ def test_connect_plans_online_write_against_stored_offline() -> None:
 def test_documents_already_storing_the_answer_plan_no_write() -> None:
     e = engine()
     doc = user_doc(status="online", status_connection="online")
-    assert e.load("u1", doc, sessions("u1", conn()), NOW, "connections") is None
+    assert e.load("u1", doc, sessions("u1", conn()), NOW, CONNECTIONS) is None
 
 
 def test_confirm_then_reload_of_the_written_documents_plans_no_write() -> None:
     e = engine()
-    write = e.load("u1", user_doc(), sessions("u1", conn()), NOW, "connections")
+    write = e.load("u1", user_doc(), sessions("u1", conn()), NOW, CONNECTIONS)
     assert write is not None
     e.confirm(write, NOW)
-    assert e.evaluate("u1", NOW + SECOND, "reconcile") is None
+    assert e.evaluate("u1", NOW + SECOND, RECONCILE) is None
     written = user_doc(status="online", status_connection="online")
-    assert e.load("u1", written, sessions("u1", conn()), NOW + SECOND, "user") is None
+    assert e.load("u1", written, sessions("u1", conn()), NOW + SECOND, CONNECTIONS) is None
 
 
-def test_missing_stored_fields_are_expected_as_none() -> None:
+def test_missing_stored_fields_are_expected_absent() -> None:
     e = engine()
-    write = e.load("u1", user_doc(status=None, status_connection=None), None, NOW, "reconcile")
+    write = e.load("u1", user_doc(status=None, status_connection=None), None, NOW, RECONCILE)
     assert write is not None
     assert write.presence == OFFLINE_PRESENCE
-    assert (write.expected_status, write.expected_status_connection) == (None, None)
+    assert (write.expected_status, write.expected_status_connection) == (ABSENT, ABSENT)
+
+
+@pytest.mark.parametrize("stored", [17, 2.5, True, None, ["online"], {"s": "online"}])
+def test_a_stored_value_of_any_type_is_expected_exactly_as_read(stored: object) -> None:
+    e = engine()
+    doc = user_doc(status="online", status_connection="online")
+    doc["status"] = stored
+    doc["statusConnection"] = stored
+    write = e.load("u1", doc, sessions("u1", conn()), NOW, CONNECTIONS)
+    assert write is not None and write.presence == Presence(ONLINE, ONLINE)
+    assert write.expected_status == stored and type(write.expected_status) is type(stored)
+    assert write.expected_status_connection == stored
 
 
 def test_unknown_stored_status_is_expected_verbatim_so_the_filter_matches() -> None:
     e = engine()
-    write = e.load("u1", user_doc(status="idle"), None, NOW, "reconcile")
+    write = e.load("u1", user_doc(status="idle"), None, NOW, RECONCILE)
     assert write is not None
     assert write.expected_status == "idle"
-    assert e.stats().malformed == {"user_bad_status": 1}
+    assert [r.reasons for r in e.take_refused()] == [("user_bad_status",)]
 
 
 def test_busy_status_default_shows_busy_while_connected() -> None:
     e = engine()
-    write = e.load("u1", user_doc(statusDefault="busy"), sessions("u1", conn()), NOW, "user")
+    write = e.load("u1", user_doc(statusDefault="busy"), sessions("u1", conn()), NOW, CONNECTIONS)
     assert write is not None
     assert write.presence == Presence(BUSY, ONLINE)
 
@@ -141,7 +162,7 @@ def test_busy_status_default_shows_busy_while_connected() -> None:
 def test_inactive_user_with_a_fresh_connection_is_written_offline() -> None:
     e = engine()
     doc = user_doc(active=False, status="online", status_connection="online")
-    write = e.load("u1", doc, sessions("u1", conn()), NOW, "user")
+    write = e.load("u1", doc, sessions("u1", conn()), NOW, CONNECTIONS)
     assert write is not None
     assert write.presence == OFFLINE_PRESENCE
 
@@ -149,14 +170,14 @@ def test_inactive_user_with_a_fresh_connection_is_written_offline() -> None:
 def test_deleted_user_is_forgotten_without_a_write() -> None:
     e = engine()
     connected(e)
-    assert e.load("u1", None, sessions("u1", conn()), NOW, "user") is None
+    assert e.load("u1", None, sessions("u1", conn()), NOW, CONNECTIONS) is None
     assert "u1" not in e
     assert e.next_deadline() is None
 
 
 def test_no_sessions_document_means_no_connections_and_no_timer() -> None:
     e = engine()
-    assert e.load("u1", user_doc(), None, NOW, "reconcile") is None
+    assert e.load("u1", user_doc(), None, NOW, RECONCILE) is None
     assert e.presence("u1") == OFFLINE_PRESENCE
     assert e.next_deadline() is None
     assert e.stats().timers_pending == 0
@@ -167,21 +188,21 @@ def test_no_sessions_document_means_no_connections_and_no_timer() -> None:
 
 def test_confirm_returns_the_transition_from_stored_to_written() -> None:
     e = engine()
-    write = e.load("u1", user_doc(), sessions("u1", conn(status="away")), NOW, "connections")
+    write = e.load("u1", user_doc(), sessions("u1", conn(status="away")), NOW, CONNECTIONS)
     assert write is not None
     assert e.confirm(write, NOW) == Transition(
         user_id="u1",
         username="name-u1",
         previous=OFFLINE_PRESENCE,
         current=Presence(AWAY, AWAY),
-        reason="connections",
+        reason=CONNECTIONS,
     )
     assert e.stats().transitions == {"connections": 1}
 
 
 def test_confirming_the_same_write_twice_announces_one_transition() -> None:
     e = engine()
-    write = e.load("u1", user_doc(), sessions("u1", conn()), NOW, "connections")
+    write = e.load("u1", user_doc(), sessions("u1", conn()), NOW, CONNECTIONS)
     assert write is not None
     assert e.confirm(write, NOW) is not None
     assert e.confirm(write, NOW) is None
@@ -189,8 +210,8 @@ def test_confirming_the_same_write_twice_announces_one_transition() -> None:
 
 def test_two_writes_to_the_same_pair_announce_one_transition() -> None:
     e = engine()
-    first = e.load("u1", user_doc(), sessions("u1", conn()), NOW, "connections")
-    second = e.load("u1", user_doc(), sessions("u1", conn()), NOW, "connections")
+    first = e.load("u1", user_doc(), sessions("u1", conn()), NOW, CONNECTIONS)
+    second = e.load("u1", user_doc(), sessions("u1", conn()), NOW, CONNECTIONS)
     assert first is not None and second is not None
     assert e.confirm(first, NOW) is not None
     assert e.confirm(second, NOW) is None
@@ -198,10 +219,10 @@ def test_two_writes_to_the_same_pair_announce_one_transition() -> None:
 
 def test_confirm_after_a_reread_saw_the_written_pair_still_announces() -> None:
     e = engine()
-    write = e.load("u1", user_doc(), sessions("u1", conn()), NOW, "connections")
+    write = e.load("u1", user_doc(), sessions("u1", conn()), NOW, CONNECTIONS)
     assert write is not None
     written = user_doc(status="online", status_connection="online")
-    assert e.load("u1", written, sessions("u1", conn()), NOW, "user") is None
+    assert e.load("u1", written, sessions("u1", conn()), NOW, CONNECTIONS) is None
     transition = e.confirm(write, NOW)
     assert transition is not None
     assert transition.current == Presence(ONLINE, ONLINE)
@@ -209,14 +230,14 @@ def test_confirm_after_a_reread_saw_the_written_pair_still_announces() -> None:
 
 def test_a_write_that_landed_after_the_answer_moved_on_is_due_again_at_once() -> None:
     e = engine()
-    write = e.load("u1", user_doc(), sessions("u1", conn()), NOW, "connections")
+    write = e.load("u1", user_doc(), sessions("u1", conn()), NOW, CONNECTIONS)
     assert write is not None
     # The connection goes stale before the write lands; stored is still offline: no write.
     assert e.due(NOW + TTL + 1) == ["u1"]
-    assert e.evaluate("u1", NOW + TTL + 1, "stale") is None
+    assert e.evaluate("u1", NOW + TTL + 1, STALE) is None
     e.confirm(write, NOW + TTL + 2)  # online landed: now wrong, and nothing else would fix it
     assert e.due(NOW + TTL + 2) == ["u1"]
-    follow_up = e.evaluate("u1", NOW + TTL + 2, "stale")
+    follow_up = e.evaluate("u1", NOW + TTL + 2, STALE)
     assert follow_up is not None
     assert follow_up.presence == OFFLINE_PRESENCE
     assert (follow_up.expected_status, follow_up.expected_status_connection) == (
@@ -227,9 +248,9 @@ def test_a_write_that_landed_after_the_answer_moved_on_is_due_again_at_once() ->
 
 def test_confirm_of_an_evicted_user_still_announces_with_the_write_username() -> None:
     e = engine(max_users=1)
-    write = e.load("u1", user_doc(), sessions("u1", conn()), NOW, "connections")
+    write = e.load("u1", user_doc(), sessions("u1", conn()), NOW, CONNECTIONS)
     assert write is not None
-    e.load("u2", user_doc("u2"), None, NOW, "reconcile")
+    e.load("u2", user_doc("u2"), None, NOW, RECONCILE)
     transition = e.confirm(write, NOW)
     assert transition is not None
     assert transition.username == "name-u1"
@@ -238,7 +259,7 @@ def test_confirm_of_an_evicted_user_still_announces_with_the_write_username() ->
 
 def test_transition_previous_is_none_when_the_stored_pair_was_not_valid() -> None:
     e = engine()
-    write = e.load("u1", user_doc(status=None), sessions("u1", conn()), NOW, "connections")
+    write = e.load("u1", user_doc(status=None), sessions("u1", conn()), NOW, CONNECTIONS)
     assert write is not None
     transition = e.confirm(write, NOW)
     assert transition is not None
@@ -247,16 +268,16 @@ def test_transition_previous_is_none_when_the_stored_pair_was_not_valid() -> Non
 
 def test_conflict_drops_the_user_so_the_caller_rereads_it() -> None:
     e = engine()
-    write = e.load("u1", user_doc(), sessions("u1", conn()), NOW, "connections")
+    write = e.load("u1", user_doc(), sessions("u1", conn()), NOW, CONNECTIONS)
     assert write is not None
     e.conflict("u1")
     assert "u1" not in e
-    assert e.evaluate("u1", NOW, "stale") is None
+    assert e.evaluate("u1", NOW, STALE) is None
     assert e.next_deadline() is None
     assert e.stats().users_tracked == 0
     # The re-read sees what a concurrent writer stored, and plans against that.
     reread = user_doc(status="away", status_connection="away")
-    write = e.load("u1", reread, sessions("u1", conn()), NOW, "connections")
+    write = e.load("u1", reread, sessions("u1", conn()), NOW, CONNECTIONS)
     assert write is not None
     assert (write.expected_status, write.expected_status_connection) == ("away", "away")
 
@@ -270,7 +291,7 @@ def test_last_heartbeat_stopping_makes_the_user_due_one_ms_after_the_ttl() -> No
     assert e.next_deadline() == NOW + TTL + 1
     assert e.due(NOW + TTL) == []  # exactly TTL old still counts
     assert e.due(NOW + TTL + 1) == ["u1"]
-    write = e.evaluate("u1", NOW + TTL + 1, "stale")
+    write = e.evaluate("u1", NOW + TTL + 1, STALE)
     assert write is not None
     assert write.presence == OFFLINE_PRESENCE
     assert (write.expected_status, write.expected_status_connection) == ("online", "online")
@@ -281,7 +302,7 @@ def test_offline_user_has_no_timer_after_the_stale_evaluation() -> None:
     e = engine()
     connected(e)
     assert e.due(NOW + TTL + 1) == ["u1"]
-    e.evaluate("u1", NOW + TTL + 1, "stale")
+    e.evaluate("u1", NOW + TTL + 1, STALE)
     assert e.next_deadline() is None
     assert e.due(NOW + 10 * TTL) == []
 
@@ -292,11 +313,11 @@ def test_a_newer_heartbeat_supersedes_the_earlier_timer() -> None:
     later = NOW + 30 * SECOND
     written = user_doc(status="online", status_connection="online")
     assert (
-        e.load("u1", written, sessions("u1", conn(updated_ms=later)), later, "connections") is None
+        e.load("u1", written, sessions("u1", conn(updated_ms=later)), later, CONNECTIONS) is None
     )
     assert e.next_deadline() == later + TTL + 1
     assert e.due(NOW + TTL + 1) == []
-    assert e.evaluate("u1", NOW + TTL + 1, "stale") is None
+    assert e.evaluate("u1", NOW + TTL + 1, STALE) is None
     assert e.due(later + TTL + 1) == ["u1"]
     assert e.stats().timers_pending == 0
 
@@ -305,11 +326,11 @@ def test_the_earliest_of_several_connections_sets_the_timer_and_the_next_one_fol
     e = engine()
     doc = user_doc(status="online", status_connection="online")
     two = sessions("u1", conn("a", "online", NOW - 10 * SECOND), conn("b", "away", NOW))
-    assert e.load("u1", doc, two, NOW, "connections") is None
+    assert e.load("u1", doc, two, NOW, CONNECTIONS) is None
     assert e.next_deadline() == NOW - 10 * SECOND + TTL + 1
     first = NOW - 10 * SECOND + TTL + 1
     assert e.due(first) == ["u1"]
-    write = e.evaluate("u1", first, "stale")
+    write = e.evaluate("u1", first, STALE)
     assert write is not None
     assert write.presence == Presence(AWAY, AWAY)
     assert e.next_deadline() == NOW + TTL + 1
@@ -328,49 +349,49 @@ def test_due_pops_each_user_once() -> None:
 
 def test_instance_disappearing_returns_its_users_and_evaluate_makes_them_offline() -> None:
     e = engine()
-    assert e.set_instances([instance("i1"), instance("i2")], NOW) == []
+    assert set_instances(e, [instance("i1"), instance("i2")], NOW) == []
     connected(e, "u1", instance="i1")
     connected(e, "u2", instance="i2")
     connected(e, "u3")  # no instance id: only the TTL applies
-    assert e.set_instances([instance("i2")], NOW + SECOND) == ["u1"]
-    write = e.evaluate("u1", NOW + SECOND, "instance")
+    assert set_instances(e, [instance("i2")], NOW + SECOND) == ["u1"]
+    write = e.evaluate("u1", NOW + SECOND, INSTANCE)
     assert write is not None
     assert write.presence == OFFLINE_PRESENCE
     assert write.reason == "instance"
-    assert e.evaluate("u2", NOW + SECOND, "instance") is None
+    assert e.evaluate("u2", NOW + SECOND, INSTANCE) is None
 
 
 def test_instance_timing_out_makes_its_users_due_one_ms_after_the_timeout() -> None:
     e = engine()
-    e.set_instances([instance("i1", NOW)], NOW)
+    set_instances(e, [instance("i1", NOW)], NOW)
     connected(e, instance="i1")
     assert e.next_deadline() == NOW + TIMEOUT + 1
     assert e.due(NOW + TIMEOUT) == []
     assert e.due(NOW + TIMEOUT + 1) == ["u1"]
-    write = e.evaluate("u1", NOW + TIMEOUT + 1, "stale")
+    write = e.evaluate("u1", NOW + TIMEOUT + 1, STALE)
     assert write is not None
     assert write.presence == OFFLINE_PRESENCE
 
 
 def test_instance_heartbeat_moves_the_timer_later_without_reevaluating_anyone() -> None:
     e = engine()
-    e.set_instances([instance("i1", NOW)], NOW)
+    set_instances(e, [instance("i1", NOW)], NOW)
     connected(e, instance="i1")
     later = NOW + 10 * SECOND
-    assert e.set_instances([instance("i1", later)], later) == []
+    assert set_instances(e, [instance("i1", later)], later) == []
     # The old timer fires early; the answer holds and the later instant is scheduled.
     assert e.due(NOW + TIMEOUT + 1) == ["u1"]
-    assert e.evaluate("u1", NOW + TIMEOUT + 1, "stale") is None
+    assert e.evaluate("u1", NOW + TIMEOUT + 1, STALE) is None
     assert e.next_deadline() == later + TIMEOUT + 1
 
 
 def test_empty_instances_collection_means_the_ttl_only() -> None:
     e = engine()
-    e.set_instances([instance("i1")], NOW)
-    write = e.load("u1", user_doc(), sessions("u1", conn(instance="ghost")), NOW, "connections")
+    set_instances(e, [instance("i1")], NOW)
+    write = e.load("u1", user_doc(), sessions("u1", conn(instance="ghost")), NOW, CONNECTIONS)
     assert write is None  # an unknown instance is dead while the collection is used
-    assert e.set_instances([], NOW) == ["u1"]
-    write = e.evaluate("u1", NOW, "instance")
+    assert set_instances(e, [], NOW) == ["u1"]
+    write = e.evaluate("u1", NOW, INSTANCE)
     assert write is not None
     assert write.presence == Presence(ONLINE, ONLINE)
     assert e.next_deadline() == NOW + TTL + 1
@@ -378,10 +399,10 @@ def test_empty_instances_collection_means_the_ttl_only() -> None:
 
 def test_instance_reappearing_brings_its_users_back() -> None:
     e = engine()
-    e.set_instances([instance("i2")], NOW)
-    e.load("u1", user_doc(), sessions("u1", conn(instance="i1")), NOW, "connections")
-    assert e.set_instances([instance("i1"), instance("i2")], NOW) == ["u1"]
-    write = e.evaluate("u1", NOW, "instance")
+    set_instances(e, [instance("i2")], NOW)
+    e.load("u1", user_doc(), sessions("u1", conn(instance="i1")), NOW, CONNECTIONS)
+    assert set_instances(e, [instance("i1"), instance("i2")], NOW) == ["u1"]
+    write = e.evaluate("u1", NOW, INSTANCE)
     assert write is not None
     assert write.presence == Presence(ONLINE, ONLINE)
 
@@ -391,23 +412,23 @@ def test_instance_reappearing_brings_its_users_back() -> None:
 
 def test_evicted_user_is_not_resurrected_by_its_timer() -> None:
     e = engine(max_users=2)
-    e.set_instances([instance("i1")], NOW)
+    set_instances(e, [instance("i1")], NOW)
     for uid in ("u1", "u2", "u3"):
         connected(e, uid, instance="i1")
     assert "u1" not in e
     stats = e.stats()
     assert (stats.users_tracked, stats.timers_pending, stats.evictions) == (2, 2, 1)
     assert sorted(e.due(NOW + TIMEOUT + 1)) == ["u2", "u3"]
-    assert e.evaluate("u1", NOW + TIMEOUT + 1, "stale") is None
+    assert e.evaluate("u1", NOW + TIMEOUT + 1, STALE) is None
     assert "u1" not in e
-    assert sorted(e.set_instances([instance("i2")], NOW)) == ["u2", "u3"]
+    assert sorted(set_instances(e, [instance("i2")], NOW)) == ["u2", "u3"]
 
 
 def test_recently_used_user_survives_eviction() -> None:
     e = engine(max_users=2)
     connected(e, "u1")
     connected(e, "u2")
-    e.evaluate("u1", NOW, "reconcile")
+    e.evaluate("u1", NOW, RECONCILE)
     connected(e, "u3")
     assert "u1" in e
     assert "u2" not in e
@@ -418,7 +439,7 @@ def test_recently_used_user_survives_eviction() -> None:
 
 def test_reapable_groups_per_user_with_the_newest_dead_connection_as_cutoff() -> None:
     e = engine()
-    e.set_instances([instance("live")], NOW)
+    set_instances(e, [instance("live")], NOW)
     stale = NOW - TTL - 1
     u1 = sessions(
         "u1",
@@ -430,26 +451,26 @@ def test_reapable_groups_per_user_with_the_newest_dead_connection_as_cutoff() ->
     u2 = sessions("u2", conn("x", updated_ms=NOW - SECOND, instance="gone"))
     u3 = sessions("u3", conn("y", updated_ms=NOW, instance="live"))
     for uid, doc in (("u1", u1), ("u2", u2), ("u3", u3)):
-        e.load(uid, user_doc(uid), doc, NOW, "reconcile")
+        e.load(uid, user_doc(uid), doc, NOW, RECONCILE)
     candidates = sorted(e.reapable(NOW), key=lambda c: c.user_id)
     assert candidates == [
-        ReapCandidate("u1", ("a", "b"), stale),
-        ReapCandidate("u2", ("x",), NOW - SECOND),
+        ReapCandidate("u1", ReapPlan(("a", "b"), stale)),
+        ReapCandidate("u2", ReapPlan(("x",), NOW - SECOND)),
     ]
     assert candidates[0].cutoff == from_ms(stale)
 
 
 def test_reapable_leaves_out_an_id_that_a_counted_connection_shares() -> None:
     e = engine()
-    e.set_instances([instance("live")], NOW)
+    set_instances(e, [instance("live")], NOW)
     both = sessions(
         "u1",
         conn("same", updated_ms=NOW - SECOND, instance="live"),
         conn("same", updated_ms=NOW, instance="gone"),
         conn("other", updated_ms=NOW - TTL - 1),
     )
-    e.load("u1", user_doc(), both, NOW, "reconcile")
-    assert e.reapable(NOW) == [ReapCandidate("u1", ("other",), NOW - TTL - 1)]
+    e.load("u1", user_doc(), both, NOW, RECONCILE)
+    assert e.reapable(NOW) == [ReapCandidate("u1", ReapPlan(("other",), NOW - TTL - 1))]
 
 
 def test_reapable_is_empty_when_everything_counts() -> None:
@@ -461,35 +482,45 @@ def test_reapable_is_empty_when_everything_counts() -> None:
 # --- malformed input ------------------------------------------------------------------------
 
 
-def test_malformed_documents_are_counted_never_raised() -> None:
+def test_malformed_documents_are_reported_with_their_id_never_raised() -> None:
     e = engine()
-    e.set_instances([{"_updatedAt": from_ms(NOW)}, "junk", {"_id": "i1"}], NOW)  # type: ignore[list-item]
     doc = user_doc(active="yes", statusDefault="dancing")
     raw = {"connections": [{"status": "online"}, conn("c1", status="weird"), 7, conn("ok")]}
-    write = e.load("u1", doc, raw, NOW, "reconcile")
+    write = e.load("u1", doc, raw, NOW, RECONCILE)
     assert write is not None
     assert write.presence == Presence(ONLINE, ONLINE)
-    e.load("u2", user_doc("u2"), {"connections": "nope"}, NOW, "reconcile")
-    e.load("u3", "not a document", None, NOW, "reconcile")  # type: ignore[arg-type]
-    assert dict(e.stats().malformed) == {
-        "instance_missing_id": 1,
-        "instance_not_a_document": 1,
-        "instance_bad_updated_at": 1,
-        "user_bad_active": 1,
-        "user_bad_status_default": 1,
-        "connection_missing_id": 1,
-        "connection_bad_status": 1,
-        "connection_not_a_document": 1,
-        "connections_not_an_array": 1,
-        "user_not_a_document": 1,
-    }
+    e.load("u2", user_doc("u2"), {"connections": "nope"}, NOW, RECONCILE)
+    e.load("u3", "not a document", None, NOW, RECONCILE)  # type: ignore[arg-type]
+    refused = e.take_refused()
+    assert [(r.kind, r.doc_id, r.reasons) for r in refused] == [
+        ("users", "u1", ("user_bad_active", "user_bad_status_default")),
+        ("sessions", "u1", (
+            "connection_missing_id", "connection_bad_status", "connection_not_a_document"
+        )),
+        ("sessions", "u2", ("connections_not_an_array",)),
+        ("users", "u3", ("user_not_a_document",)),
+    ]
+    assert e.take_refused() == []
+
+
+def test_refused_content_names_the_bad_values_only() -> None:
+    e = engine()
+    raw = {"connections": [conn("ok"), conn("c1", status="weird")]}
+    e.load("u1", user_doc(statusDefault="dancing"), raw, NOW, RECONCILE)
+    # A heartbeat of the good connection changes the document, not the bad content.
+    raw_later = {"connections": [conn("ok", updated_ms=NOW + 5), conn("c1", status="weird")]}
+    e.load("u1", user_doc(statusDefault="dancing"), raw_later, NOW + 5, CONNECTIONS)
+    first, second, third, fourth = e.take_refused()
+    assert isinstance(first, Refused) and "dancing" in first.content
+    assert first.content == third.content and second.content == fourth.content
+    assert "weird" in second.content and "'ok'" not in second.content
 
 
 def test_stats_count_planned_writes_by_reason() -> None:
     e = engine()
     connected(e)
     e.due(NOW + TTL + 1)
-    e.evaluate("u1", NOW + TTL + 1, "stale")
+    e.evaluate("u1", NOW + TTL + 1, STALE)
     assert e.stats().writes_planned == {"connections": 1, "stale": 1}
 
 
@@ -553,7 +584,7 @@ class World:
         assert write.presence == self.expected(uid)
         self.pending.append(write)
 
-    def load(self, uid: str, reason: str) -> None:
+    def load(self, uid: str, reason: Reason) -> None:
         doc = {"_id": uid, "connections": self.connections[uid]}
         self.take(self.engine.load(uid, self.users[uid], doc, self.now, reason), uid)
 
@@ -562,19 +593,19 @@ class World:
         batch, self.pending = self.pending[:count], self.pending[count:]
         for write in batch:
             doc = self.users[write.user_id]
-            stored = (doc.get("status"), doc.get("statusConnection"))
+            stored = (doc.get("status", ABSENT), doc.get("statusConnection", ABSENT))
             new = (write.presence.status.value, write.presence.status_connection.value)
             if stored in ((write.expected_status, write.expected_status_connection), new):
                 doc["status"], doc["statusConnection"] = new
                 self.engine.confirm(write, self.now)
             else:
                 self.engine.conflict(write.user_id)
-                self.load(write.user_id, "user")
+                self.load(write.user_id, CONNECTIONS)
 
     def advance(self, dt: int) -> None:
         self.now += dt
         for uid in self.engine.due(self.now):
-            self.take(self.engine.evaluate(uid, self.now, "stale"), uid)
+            self.take(self.engine.evaluate(uid, self.now, STALE), uid)
         for uid in UIDS:
             if uid in self.engine:
                 assert self.engine.presence(uid) == self.expected(uid)
@@ -591,8 +622,8 @@ class World:
             self.instances = [
                 {"_id": iid, "_updatedAt": from_ms(self.now - age)} for iid, age in event[1].items()
             ]
-            for uid in self.engine.set_instances(self.instances, self.now):
-                self.take(self.engine.evaluate(uid, self.now, "instance"), uid)
+            for uid in set_instances(self.engine, self.instances, self.now):
+                self.take(self.engine.evaluate(uid, self.now, INSTANCE), uid)
             return
         uid = event[1]
         conns = self.connections[uid]
@@ -608,7 +639,7 @@ class World:
                 conns[event[2]] = {**conns[event[2]], "_updatedAt": from_ms(self.now)}
                 if kind == "set_status":
                     conns[event[2]]["status"] = event[3]
-        self.load(uid, "user" if kind == "user" else "connections")
+        self.load(uid, CONNECTIONS)
 
 
 @settings(max_examples=300, deadline=None)
@@ -622,7 +653,7 @@ def test_engine_answers_match_derive_at_every_instant(
     and re-read, and the same holds for those in the cache."""
     world = World(max_users)
     for uid in UIDS:
-        world.load(uid, "reconcile")
+        world.load(uid, RECONCILE)
     for event in script:
         world.apply(event)
     world.advance(final_advance)
@@ -635,7 +666,7 @@ def test_engine_answers_match_derive_at_every_instant(
         world.land(len(world.pending))
         world.advance(0)  # a write that landed after the answer moved on is due again
     for uid in UIDS:
-        assert world.engine.evaluate(uid, world.now, "reconcile") is None
+        assert world.engine.evaluate(uid, world.now, RECONCILE) is None
 
 
 def test_superseded_timers_do_not_accumulate_without_bound() -> None:
@@ -643,6 +674,6 @@ def test_superseded_timers_do_not_accumulate_without_bound() -> None:
     doc = user_doc(status="online", status_connection="online")
     for beat in range(5_000):
         at = NOW + beat * SECOND
-        e.load("u1", doc, sessions("u1", conn(updated_ms=at)), at, "connections")
+        e.load("u1", doc, sessions("u1", conn(updated_ms=at)), at, CONNECTIONS)
     assert len(e._heap) <= 2 * e.stats().timers_pending + 1025
     assert e.next_deadline() == NOW + 4_999 * SECOND + TTL + 1
