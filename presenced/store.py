@@ -21,21 +21,25 @@ converts it to UTC when encoding).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from decimal import Decimal
+from typing import Any, Final, Literal, Protocol
 
+import pymongo
+from bson import Binary, Decimal128, Int64, ObjectId, Regex, Timestamp
 from pymongo import ASCENDING, MongoClient, UpdateOne
 from pymongo.collection import Collection as MongoCollection
-from pymongo.cursor import Cursor
 from pymongo.database import Database
+
+from presenced.presence import ABSENT, USER_FIELDS, Collections
 
 __all__ = [
     "SESSIONS_UPDATED_AT_INDEX",
-    "USER_FIELDS",
-    "CollectionNames",
+    "PresenceStore",
     "ReapRequest",
+    "ReconcileSource",
     "StatusWrite",
     "Store",
     "WriteOutcome",
@@ -46,41 +50,28 @@ Document = dict[str, Any]
 SESSIONS_UPDATED_AT_INDEX: Final = "presenced_connections_updatedAt"
 """The one index presenced creates: ``usersSessions {"connections._updatedAt": 1}``."""
 
-USER_FIELDS: Final = (
-    "username",
-    "active",
-    "statusDefault",
-    "status",
-    "statusConnection",
-    "statusText",
-    "roles",
-    "type",
-)
-"""The ``users`` fields presence reads (the derivation, and the event payload)."""
+SCAN_TIMEOUT_S: Final = 120.0
+"""Time allowed to one page of the reconcile scan (it may scan much of a large collection
+before it fills a page), instead of the client's socket timeout."""
 
 _OFFLINE: Final = "offline"
 
-
-@dataclass(frozen=True)
-class CollectionNames:
-    """The collection names, Rocket.Chat's defaults unless the settings say otherwise."""
-
-    users: str = "users"
-    sessions: str = "usersSessions"
-    instances: str = "instances"
-    checkpoints: str = "presenced_checkpoints"
+ReconcileSource = Literal["sessions", "users"]
+"""Which collection a reconcile page reads: ``usersSessions`` documents with connections,
+or ``users`` whose stored status is not offline."""
 
 
 @dataclass(frozen=True)
 class StatusWrite:
     """Set ``users.status``/``statusConnection`` of one user, if they still hold the
-    expected values. An expected value of ``None`` means "absent or null"."""
+    expected values: exactly the values read (same BSON type and value), null for a
+    stored null, :data:`~presenced.presence.ABSENT` for a missing field."""
 
     user_id: Any
     status: str
     status_connection: str
-    expected_status: str | None
-    expected_status_connection: str | None
+    expected_status: object
+    expected_status_connection: object
 
 
 @dataclass(frozen=True)
@@ -106,6 +97,43 @@ class ReapRequest:
     cutoff: datetime
 
 
+class PresenceStore(Protocol):
+    """What the daemon asks of its store: :class:`Store`, or a double in tests.
+
+    Blocking, like :class:`Store`: the daemon calls each method from a worker thread.
+    """
+
+    def ping(self) -> None: ...
+
+    def hello(self) -> Document: ...
+
+    def ensure_indexes(self) -> None: ...
+
+    def load_users(self, user_ids: Collection[Any]) -> dict[Any, Document]: ...
+
+    def load_sessions(self, user_ids: Collection[Any]) -> dict[Any, Document]: ...
+
+    def load_instances(self) -> list[Document]: ...
+
+    def reconcile_page(
+        self, source: ReconcileSource, after: str | None, limit: int
+    ) -> list[Any]: ...
+
+    def reconcile_strays(self, source: ReconcileSource) -> list[Any]: ...
+
+    def estimated_count(self, source: ReconcileSource) -> int: ...
+
+    def write_statuses(self, writes: Sequence[StatusWrite]) -> WriteOutcome: ...
+
+    def reap(self, requests: Sequence[ReapRequest]) -> int: ...
+
+    def stale_sessions(self, cutoff: datetime, limit: int) -> list[Document]: ...
+
+    def load_checkpoint(self, name: str) -> Document | None: ...
+
+    def save_checkpoint(self, name: str, position: Any) -> None: ...
+
+
 class Store:
     """Every MongoDB call of the daemon, over one pymongo client.
 
@@ -115,15 +143,10 @@ class Store:
     iterator, like the cursor under it, must be advanced by one thread at a time.
     """
 
-    def __init__(
-        self,
-        client: MongoClient[Document],
-        database: str,
-        names: CollectionNames = CollectionNames(),
-    ) -> None:
+    def __init__(self, client: MongoClient[Document], collections: Collections) -> None:
         self._client = client
-        self._db: Database[Document] = client[database]
-        self.names = names
+        self._db: Database[Document] = client[collections.database]
+        names = self.collections = collections
         self._users: MongoCollection[Document] = self._db[names.users]
         self._sessions: MongoCollection[Document] = self._db[names.sessions]
         self._instances: MongoCollection[Document] = self._db[names.instances]
@@ -137,6 +160,13 @@ class Store:
         Cost: one ``ping`` command on the admin database.
         """
         self._client.admin.command("ping")
+
+    def hello(self) -> Document:
+        """The server's ``hello`` answer (``setName`` tells a replica-set member).
+
+        Cost: one ``hello`` command.
+        """
+        return dict(self._client.admin.command("hello"))
 
     def ensure_indexes(self) -> None:
         """Create ``usersSessions {"connections._updatedAt": 1}`` (named
@@ -197,54 +227,68 @@ class Store:
 
     # ------------------------------------------------------------------ reconcile scan
 
-    def iter_reconcile_ids(self, batch_size: int = 1000) -> Iterator[list[Any]]:
-        """The ids of every user presence must look at, in lists of at most
-        ``batch_size``: users whose ``usersSessions.connections`` is non-empty, then users
-        whose ``users.status`` or ``statusConnection`` is set and not ``"offline"``
-        (missing or null counts as offline). Each id appears once per pass.
-
-        Streamed, not sorted: two cursors in turn (``usersSessions`` first, then
-        ``users``), each read ``batch_size`` documents of ``{_id}`` at a time. Memory: the
-        ids yielded from ``usersSessions`` are remembered to skip them in the ``users``
-        pass, so one id per user with connections (plus one batch) is held until the pass
-        ends; nothing else grows with the collections.
-
-        Cost: one ``find`` per collection (each a collection scan: no index serves
-        "non-empty array" or "not offline") and a ``getMore`` per ``batch_size`` documents
-        read. A ``next()`` usually costs at most one round trip; the ``users`` pass may
-        read several batches before yielding when most of its ids were already yielded.
-        Closing the iterator early closes the open cursor.
-        """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        yielded: set[Any] = set()
-        batch: list[Any] = []
-        with self._sessions.find(
-            {"connections.0": {"$exists": True}}, {"_id": 1}, batch_size=batch_size
-        ) as sessions:
-            for doc in sessions:
-                if doc["_id"] in yielded:
-                    continue
-                yielded.add(doc["_id"])
-                batch.append(doc["_id"])
-                if len(batch) >= batch_size:
-                    yield batch
-                    batch = []
+    def _reconcile_query(
+        self, source: ReconcileSource
+    ) -> tuple[MongoCollection[Document], Document]:
+        if source == "sessions":
+            return self._sessions, {"connections.0": {"$exists": True}}
         not_offline = {"$nin": [_OFFLINE, None]}
-        with self._users.find(
-            {"$or": [{"status": not_offline}, {"statusConnection": not_offline}]},
-            {"_id": 1},
-            batch_size=batch_size,
-        ) as users:
-            for doc in users:
-                if doc["_id"] in yielded:
-                    continue
-                batch.append(doc["_id"])
-                if len(batch) >= batch_size:
-                    yield batch
-                    batch = []
-        if batch:
-            yield batch
+        return self._users, {"$or": [{"status": not_offline}, {"statusConnection": not_offline}]}
+
+    def reconcile_page(self, source: ReconcileSource, after: str | None, limit: int) -> list[Any]:
+        """One page of the ids presence must look at, in ``_id`` order, strictly after
+        ``after`` (None: from the first), at most ``limit``: ``usersSessions`` documents
+        whose ``connections`` is non-empty (``source="sessions"``), or ``users`` whose
+        ``status`` or ``statusConnection`` is set and not ``"offline"`` (``"users"``).
+
+        String ids only (Rocket.Chat's ids are strings; MongoDB compares ``$gt`` within one
+        BSON type): :meth:`reconcile_strays` gives the others. A page is its own query, so a
+        page that failed is retried alone, after the last id of the page before it. Fewer
+        than ``limit`` ids means the source is done.
+
+        Cost: one ``find`` with ``sort _id`` and ``limit``, on the ``_id`` index (no index
+        serves "non-empty array" or "not offline": the server reads documents in ``_id``
+        order until the page is full). It may take long on a large collection whose
+        matching documents are sparse, so it runs under a :data:`SCAN_TIMEOUT_S` operation
+        timeout instead of the client's socket timeout.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        collection, query = self._reconcile_query(source)
+        id_filter: Document = {"$type": "string"}
+        if after is not None:
+            id_filter["$gt"] = after
+        with pymongo.timeout(SCAN_TIMEOUT_S):
+            cursor = collection.find(
+                {"$and": [{"_id": id_filter}, query]}, {"_id": 1},
+                sort=[("_id", ASCENDING)], limit=limit, batch_size=limit,
+            )
+            with cursor:
+                return [doc["_id"] for doc in cursor]
+
+    def estimated_count(self, source: ReconcileSource) -> int:
+        """How many documents the collection of ``source`` holds, from its metadata (an
+        upper bound of the pages to come, for progress reports).
+
+        Cost: one ``count`` command answered from collection metadata (no scan).
+        """
+        collection, _ = self._reconcile_query(source)
+        return int(collection.estimated_document_count())
+
+    def reconcile_strays(self, source: ReconcileSource) -> list[Any]:
+        """The ids :meth:`reconcile_page` does not page through: those that are not strings
+        (none in a Rocket.Chat database; read whole, in one query).
+
+        Cost: one ``find`` (``getMore`` per 101 documents past the first batch) under the
+        :data:`SCAN_TIMEOUT_S` operation timeout.
+        """
+        collection, query = self._reconcile_query(source)
+        with pymongo.timeout(SCAN_TIMEOUT_S):
+            cursor = collection.find(
+                {"$and": [{"_id": {"$not": {"$type": "string"}}}, query]}, {"_id": 1}
+            )
+            with cursor:
+                return [doc["_id"] for doc in cursor]
 
     # ------------------------------------------------------------------ users writes
 
@@ -252,10 +296,15 @@ class Store:
         """Set ``status``/``statusConnection`` of each user whose stored values are still
         the expected ones; report which writes hold and which met a concurrent change.
 
-        Each write is ``UpdateOne({_id, status: expected, statusConnection: expected},
-        {$set: {status, statusConnection}})``, an expected ``None`` matching a missing or
-        null field. No other field is touched, ``_updatedAt`` included (as Rocket.Chat
-        writes them). The ids of ``writes`` should be distinct.
+        Each write is ``UpdateOne({_id, status: <expected>, statusConnection: <expected>},
+        {$set: {status, statusConnection}})``. The expected value matches exactly what was
+        read, of any BSON type (``{$eq: v, $type: <v's type>}``; a stored null is
+        ``{$exists: true, $eq: null}``, a missing field ``{$exists: false}``), so a value the daemon
+        read can always be replaced, and a concurrent change is never clobbered (one
+        exception, from MongoDB's equality on arrays: an array holding the value read also
+        matches, and is replaced by a correct status). No other
+        field is touched, ``_updatedAt`` included (as Rocket.Chat writes them). The ids of
+        ``writes`` should be distinct.
 
         Which writes matched: a bulk result gives only totals, so when fewer than all
         matched, the stored values of every id are read back and an id counts as written
@@ -340,42 +389,24 @@ class Store:
             return 0
         return self._sessions.bulk_write(operations, ordered=False).modified_count
 
-    def iter_stale_sessions(
-        self, cutoff: datetime, batch_size: int = 500
-    ) -> Iterator[list[Document]]:
-        """The ``usersSessions`` documents (``_id``, ``connections``) with at least one
-        connection whose ``_updatedAt`` is before ``cutoff``, in lists of at most
-        ``batch_size``, for the reaper's sweep. Whole documents: the caller decides which
-        of their connections go (and reaps them with their own cutoff).
+    def stale_sessions(self, cutoff: datetime, limit: int) -> list[Document]:
+        """At most ``limit`` ``usersSessions`` documents (``_id``, ``connections``) with at
+        least one connection whose ``_updatedAt`` is before ``cutoff``, for the reaper's
+        sweep. Whole documents: the caller decides which of their connections go (and
+        reaps them with their own cutoff), so documents it does not reap may come back
+        first in the next sweep; those it reaps do not.
 
-        Cost: one ``find({"connections._updatedAt": {$lt: cutoff}})`` on the index of
-        ``ensure_indexes`` (a collection scan without it), and one ``getMore`` per
-        ``batch_size`` documents; each ``next()`` is at most one round trip. Closing the
-        iterator early closes the cursor.
+        Cost: one ``find({"connections._updatedAt": {$lt: cutoff}})`` with ``limit`` on the
+        index of ``ensure_indexes`` (a collection scan without it), answered in one batch.
         """
-        return self._iter_sessions({"connections._updatedAt": {"$lt": cutoff}}, batch_size)
-
-    def iter_sessions_with_instances(
-        self, instance_ids: Collection[str], batch_size: int = 500
-    ) -> Iterator[list[Document]]:
-        """The ``usersSessions`` documents (``_id``, ``connections``) with at least one
-        connection on one of ``instance_ids`` (the dead instances), in lists of at most
-        ``batch_size``.
-
-        Cost: one ``find({"connections.instanceId": {$in: ids}})`` on Rocket.Chat's
-        ``connections.instanceId`` index, and one ``getMore`` per ``batch_size`` documents;
-        each ``next()`` is at most one round trip. No call for no ids.
-        """
-        ids = list(instance_ids)
-        if not ids:
-            return iter(())
-        return self._iter_sessions({"connections.instanceId": {"$in": ids}}, batch_size)
-
-    def _iter_sessions(self, query: Mapping[str, Any], batch_size: int) -> Iterator[list[Document]]:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        cursor = self._sessions.find(query, {"connections": 1}, batch_size=batch_size)
-        return _batches(cursor, batch_size)
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        cursor = self._sessions.find(
+            {"connections._updatedAt": {"$lt": cutoff}}, {"connections": 1},
+            limit=limit, batch_size=limit,
+        )
+        with cursor:
+            return list(cursor)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -401,9 +432,41 @@ class Store:
         )
 
 
-def _expected(value: str | None) -> Any:
-    """The filter for a stored field expected to hold ``value``; None: missing or null."""
-    return {"$in": [None]} if value is None else str(value)
+def _expected(value: object) -> Any:
+    """The filter for a stored field expected to hold exactly ``value`` as it was read:
+    the same value and BSON type, a null, or (``ABSENT``) no field at all."""
+    if value is ABSENT:
+        return {"$exists": False}
+    if value is None:
+        return {"$exists": True, "$eq": None}  # $eq null alone also matches a missing field
+    alias = _bson_type(value)
+    return {"$eq": value} if alias is None else {"$eq": value, "$type": alias}
+
+
+_BSON_TYPES: Final[tuple[tuple[type, str], ...]] = (
+    (bool, "bool"),  # before int: a bool is an int in Python
+    (Int64, "long"),  # before int: pymongo decodes a BSON long as Int64
+    (int, "int"),
+    (float, "double"),
+    (str, "string"),
+    (datetime, "date"),
+    (ObjectId, "objectId"),
+    (Decimal128, "decimal"),
+    (Decimal, "decimal"),
+    (Binary, "binData"),
+    (bytes, "binData"),
+    (Timestamp, "timestamp"),
+    (Regex, "regex"),
+)
+
+
+def _bson_type(value: object) -> str | None:
+    """The ``$type`` alias of a value pymongo decoded; None for arrays and documents
+    (``$type`` would match their elements; ``$eq`` alone compares them whole)."""
+    for kind, alias in _BSON_TYPES:
+        if isinstance(value, kind):
+            return alias
+    return None
 
 
 def _distinct(ids: Iterable[Any]) -> list[Any]:
@@ -414,17 +477,3 @@ def _distinct(ids: Iterable[Any]) -> list[Any]:
             seen.add(user_id)
             out.append(user_id)
     return out
-
-
-def _batches(cursor: Cursor[Document], batch_size: int) -> Iterator[list[Document]]:
-    """``cursor``'s documents in lists of at most ``batch_size``; closes it when done
-    or when the iterator is closed early."""
-    with cursor:
-        batch: list[Document] = []
-        for doc in cursor:
-            batch.append(doc)
-            if len(batch) >= batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch

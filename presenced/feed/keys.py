@@ -1,9 +1,9 @@
 """The keys every feed produces: "this thing changed, go and re-read it".
 
 Owns: the key types (:class:`SessionsChanged`, :class:`UserChanged`,
-:class:`InstancesChanged`, :class:`ResyncAll`), the names of the collections a feed watches
-(:class:`WatchedCollections`) and the list of ``users`` fields presence reads
-(:data:`PRESENCE_USER_FIELDS`).
+:class:`InstancesChanged`, :class:`ResyncAll`) and :class:`Decoded`, a decoder's answer.
+The collections a feed watches and the ``users`` fields presence reads come from
+:mod:`presenced.presence` (``Collections``, ``USER_FIELDS``).
 
 A key says *which* document changed, never *how*: the loader re-reads the current
 documents, so a key is correct whatever the event carried. Both feeds (change streams and,
@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from presenced.presence import USER_FIELDS, Collections
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,37 +63,11 @@ class Decoded:
     keys: tuple[Key, ...] = ()
     malformed: bool = False
 
-PRESENCE_USER_FIELDS: frozenset[str] = frozenset(
-    {
-        "active",
-        "statusDefault",
-        "status",
-        "statusConnection",
-        "username",
-        "statusText",
-        "roles",
-        "type",
-    }
-)
+PRESENCE_USER_FIELDS: frozenset[str] = frozenset(USER_FIELDS)
 """Top-level ``users`` fields presence reads; a change to any other field needs no re-read."""
 
-
-@dataclass(frozen=True)
-class WatchedCollections:
-    """The database and the names of the three collections presence watches.
-
-    The names default to Rocket.Chat's; a deployment may rename them.
-    """
-
-    database: str
-    users: str = "users"
-    sessions: str = "usersSessions"
-    instances: str = "instances"
-
-    @property
-    def names(self) -> tuple[str, str, str]:
-        """The three collection names, users first."""
-        return (self.users, self.sessions, self.instances)
+WatchedCollections = Collections
+"""The database and collections a feed watches: :class:`presenced.presence.Collections`."""
 
 
 def touches_presence_fields(top_level_fields: Iterable[str]) -> bool:

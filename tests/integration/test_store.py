@@ -17,10 +17,9 @@ from bson import Timestamp
 from pymongo import MongoClient, monitoring
 from pymongo.database import Database
 
+from presenced.presence import ABSENT, USER_FIELDS, Collections
 from presenced.store import (
     SESSIONS_UPDATED_AT_INDEX,
-    USER_FIELDS,
-    CollectionNames,
     ReapRequest,
     StatusWrite,
     Store,
@@ -66,7 +65,7 @@ class Commands(monitoring.CommandListener):
 
 @pytest.fixture
 def store(client: MongoClient[Doc], db: Database[Doc]) -> Store:
-    return Store(client, db.name)
+    return Store(client, Collections(db.name))
 
 
 @pytest.fixture
@@ -82,7 +81,7 @@ def monitored_store(mongo_url: str, db: Database[Doc], commands: Commands) -> It
     )
     own.admin.command("ping")
     commands.clear()
-    yield Store(own, db.name)
+    yield Store(own, Collections(db.name))
     own.close()
 
 
@@ -253,12 +252,14 @@ def test_load_instances_of_a_missing_collection_is_empty(store: Store) -> None:
 def test_store_reads_the_configured_collection_names(
     client: MongoClient[Doc], db: Database[Doc]
 ) -> None:
-    names = CollectionNames(users="rc_users", sessions="rc_sessions", instances="rc_instances")
+    names = Collections(
+        db.name, users="rc_users", sessions="rc_sessions", instances="rc_instances"
+    )
     db.rc_users.insert_one(user("u1"))
     db.rc_sessions.insert_one(session("u1", connection("c1")))
     db.users.insert_one(user("u2"))
 
-    configured = Store(client, db.name, names)
+    configured = Store(client, names)
 
     assert set(configured.load_users(["u1", "u2"])) == {"u1"}
     assert set(configured.load_sessions(["u1"])) == {"u1"}
@@ -318,33 +319,91 @@ def test_write_statuses_reports_a_concurrent_change_as_a_conflict_and_keeps_it(
     assert (stored["status"], stored["statusConnection"]) == ("busy", "busy")
 
 
-def test_write_statuses_expecting_none_matches_missing_and_null_fields(
+def test_write_statuses_expecting_absent_matches_only_missing_fields(
     store: Store, db: Database[Doc]
 ) -> None:
     db.users.insert_many(
         [
-            user("u1", status=None, status_connection=None),
-            {**user("u2"), "status": None, "statusConnection": None},
+            user("missing", status=None, status_connection=None),
+            {**user("null"), "status": None, "statusConnection": None},
         ]
     )
 
     outcome = store.write_statuses(
         [
-            StatusWrite("u1", "online", "online", None, None),
-            StatusWrite("u2", "online", "online", None, None),
+            StatusWrite("missing", "online", "online", ABSENT, ABSENT),
+            StatusWrite("null", "online", "online", ABSENT, ABSENT),
         ]
     )
 
-    assert outcome.written == ["u1", "u2"]
-    assert db.users.count_documents({"status": "online", "statusConnection": "online"}) == 2
+    assert outcome.written == ["missing"]
+    assert outcome.conflicts == ["null"]
 
 
-def test_write_statuses_expecting_none_does_not_overwrite_a_stored_value(
+def test_write_statuses_expecting_null_matches_only_a_stored_null(
+    store: Store, db: Database[Doc]
+) -> None:
+    db.users.insert_many(
+        [
+            user("missing", status=None, status_connection=None),
+            {**user("null"), "status": None, "statusConnection": None},
+        ]
+    )
+
+    outcome = store.write_statuses(
+        [
+            StatusWrite("missing", "online", "online", None, None),
+            StatusWrite("null", "online", "online", None, None),
+        ]
+    )
+
+    assert outcome.written == ["null"]
+    assert outcome.conflicts == ["missing"]
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [17, 2.5, True, False, 0, "", ["online"], {"s": "online"}, NOW],
+    ids=["int", "double", "true", "false", "zero", "empty-string", "array", "document", "date"],
+)
+def test_write_statuses_replaces_a_stored_value_of_any_type_it_read(
+    store: Store, db: Database[Doc], stored: Any
+) -> None:
+    db.users.insert_one({**user("u1"), "status": stored, "statusConnection": stored})
+    read = store.load_users(["u1"])["u1"]
+
+    outcome = store.write_statuses(
+        [StatusWrite("u1", "online", "online", read["status"], read["statusConnection"])]
+    )
+
+    assert outcome.written == ["u1"]
+    assert db.users.count_documents({"status": "online", "statusConnection": "online"}) == 1
+
+
+@pytest.mark.parametrize(
+    ("read", "now_stored"),
+    [(17, 17.5), (1, True), (0, False), (17, "17"), ("online", "away"), (None, 0)],
+    ids=["int-vs-double", "one-vs-true", "zero-vs-false", "int-vs-string", "other-string",
+         "null-vs-zero"],
+)
+def test_write_statuses_does_not_overwrite_a_value_other_than_the_one_read(
+    store: Store, db: Database[Doc], read: Any, now_stored: Any
+) -> None:
+    db.users.insert_one({**user("u1"), "status": now_stored, "statusConnection": "offline"})
+
+    outcome = store.write_statuses([StatusWrite("u1", "online", "online", read, "offline")])
+
+    assert outcome.conflicts == ["u1"]
+    stored = db.users.find_one({"_id": "u1"})
+    assert stored is not None and stored["status"] == now_stored
+
+
+def test_write_statuses_expecting_a_value_does_not_overwrite_another_one(
     store: Store, db: Database[Doc]
 ) -> None:
     db.users.insert_one(user("u1", status="away", status_connection="away"))
 
-    outcome = store.write_statuses([StatusWrite("u1", "online", "online", None, None)])
+    outcome = store.write_statuses([StatusWrite("u1", "online", "online", ABSENT, ABSENT)])
 
     assert outcome.conflicts == ["u1"]
     assert db.users.count_documents({"_id": "u1", "status": "away"}) == 1
@@ -353,7 +412,7 @@ def test_write_statuses_expecting_none_does_not_overwrite_a_stored_value(
 def test_write_statuses_reports_a_missing_user_as_a_conflict_and_creates_nothing(
     store: Store, db: Database[Doc]
 ) -> None:
-    outcome = store.write_statuses([StatusWrite("gone", "online", "online", None, None)])
+    outcome = store.write_statuses([StatusWrite("gone", "online", "online", ABSENT, ABSENT)])
 
     assert outcome.conflicts == ["gone"]
     assert db.users.count_documents({}) == 0
@@ -526,19 +585,63 @@ def seed_reconcile_population(db: Database[Doc]) -> set[str]:
     }
 
 
-def test_iter_reconcile_ids_yields_each_candidate_once_across_batches(
+def reconcile_all(store: Store, limit: int) -> tuple[list[Any], list[list[Any]]]:
+    """Every id of both sources as the reconciler walks them: pages, then strays."""
+    ids: list[Any] = []
+    pages: list[list[Any]] = []
+    for source in ("sessions", "users"):
+        after = None
+        while True:
+            page = store.reconcile_page(source, after, limit)
+            pages.append(page)
+            ids.extend(page)
+            if len(page) < limit:
+                break
+            after = page[-1]
+        ids.extend(store.reconcile_strays(source))
+    return ids, pages
+
+
+def test_reconcile_pages_cover_every_candidate_in_id_order_each_once_per_source(
     store: Store, db: Database[Doc]
 ) -> None:
     expected = seed_reconcile_population(db)
 
-    batches = list(store.iter_reconcile_ids(batch_size=2))
+    ids, pages = reconcile_all(store, limit=2)
 
-    ids = [uid for batch in batches for uid in batch]
-    assert sorted(ids) == sorted(expected)
-    assert all(1 <= len(batch) <= 2 for batch in batches)
+    assert set(ids) == expected
+    assert all(len(page) <= 2 for page in pages)
+    for page in pages:
+        assert page == sorted(page)
+    # "connected-online" is a candidate in both sources; the reconciler skips the repeat.
+    assert ids.count("connected-online") == 2
+    assert len(ids) == len(expected) + 1
 
 
-def test_iter_reconcile_ids_skips_offline_users_without_connections(
+def test_a_reconcile_page_resumes_strictly_after_the_last_id_done(
+    store: Store, db: Database[Doc]
+) -> None:
+    db.usersSessions.insert_many(
+        [session(f"u{n}", connection(f"c{n}")) for n in (5, 1, 3, 2, 4)]
+    )
+
+    assert store.reconcile_page("sessions", None, 2) == ["u1", "u2"]
+    assert store.reconcile_page("sessions", "u2", 2) == ["u3", "u4"]
+    assert store.reconcile_page("sessions", "u4", 2) == ["u5"]
+
+
+def test_reconcile_strays_finds_the_ids_that_are_not_strings(
+    store: Store, db: Database[Doc]
+) -> None:
+    db.usersSessions.insert_many(
+        [session(7, connection("c1")), session("s", connection("c2")), session(8)]  # type: ignore[arg-type]
+    )
+
+    assert store.reconcile_page("sessions", None, 10) == ["s"]
+    assert store.reconcile_strays("sessions") == [7]
+
+
+def test_reconcile_skips_offline_users_without_connections(
     store: Store, db: Database[Doc]
 ) -> None:
     db.usersSessions.insert_many([session("offline-empty"), {"_id": "offline-no-field"}])
@@ -551,13 +654,19 @@ def test_iter_reconcile_ids_skips_offline_users_without_connections(
         ]
     )
 
-    assert list(store.iter_reconcile_ids()) == []
+    assert reconcile_all(store, limit=10)[0] == []
 
 
-# --------------------------------------------------------------------------- reaper sweeps
+def test_estimated_count_is_the_collection_size(store: Store, db: Database[Doc]) -> None:
+    db.usersSessions.insert_many([session("a"), session("b", connection("c1"))])
+    assert store.estimated_count("sessions") == 2
+    assert store.estimated_count("users") == 0
 
 
-def test_iter_stale_sessions_finds_exactly_sessions_with_a_connection_before_the_cutoff(
+# --------------------------------------------------------------------------- reaper sweep
+
+
+def test_stale_sessions_finds_exactly_sessions_with_a_connection_before_the_cutoff(
     store: Store, db: Database[Doc]
 ) -> None:
     cutoff = NOW - timedelta(minutes=5)
@@ -576,47 +685,13 @@ def test_iter_stale_sessions_finds_exactly_sessions_with_a_connection_before_the
     )
     store.ensure_indexes()
 
-    docs = [doc for batch in store.iter_stale_sessions(cutoff, batch_size=1) for doc in batch]
+    docs = store.stale_sessions(cutoff, limit=10)
 
     assert sorted(doc["_id"] for doc in docs) == ["mixed", "old"]
     assert next(doc for doc in docs if doc["_id"] == "old") == session(
         "old", connection("c5", updated=NOW - timedelta(days=2))
     )
-
-
-def test_iter_sessions_with_instances_finds_exactly_sessions_on_those_instances(
-    store: Store, db: Database[Doc]
-) -> None:
-    dead = "3b9c1d2e-7f6a-4e5b-8c9d-0e1f2a3b4c03"
-    db.usersSessions.insert_many(
-        [
-            session("on-a", connection("c1", instance=INSTANCE_A)),
-            session(
-                "on-b-and-dead",
-                connection("c2", instance=INSTANCE_B),
-                connection("c3", instance=dead),
-            ),
-            session("on-dead", connection("c4", instance=dead)),
-            session("on-b", connection("c5", instance=INSTANCE_B)),
-            session("empty"),
-        ]
-    )
-
-    batches = list(store.iter_sessions_with_instances([dead, INSTANCE_A], batch_size=2))
-
-    assert all(1 <= len(batch) <= 2 for batch in batches)
-    assert sorted(doc["_id"] for batch in batches for doc in batch) == [
-        "on-a",
-        "on-b-and-dead",
-        "on-dead",
-    ]
-
-
-def test_iter_sessions_with_no_instances_sends_no_command(
-    monitored_store: Store, commands: Commands
-) -> None:
-    assert list(monitored_store.iter_sessions_with_instances([])) == []
-    assert commands.names == []
+    assert len(store.stale_sessions(cutoff, limit=1)) == 1
 
 
 # --------------------------------------------------------------------------- checkpoints

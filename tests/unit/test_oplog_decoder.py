@@ -17,8 +17,8 @@ import pytest
 from bson import Int64, ObjectId, Timestamp
 from bson.binary import Binary
 
-from presenced.feed.changestream import Decoded
 from presenced.feed.keys import (
+    Decoded,
     InstancesChanged,
     ResyncAll,
     SessionsChanged,
