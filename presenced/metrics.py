@@ -23,8 +23,8 @@ class Metrics:
             " failed)", ["result"], registry=r,
         )
         self.malformed = Counter(
-            "presenced_malformed_documents", "Documents or fields refused as malformed, by"
-            " reason", ["reason"], registry=r,
+            "presenced_malformed_documents", "Malformed documents, once per document and"
+            " distinct content (feed events: each one), by reason", ["reason"], registry=r,
         )
         self.feed_keys = Counter(
             "presenced_feed_keys", "Changes received from the feed, by kind", ["kind"],
@@ -46,9 +46,12 @@ class Metrics:
             "presenced_pending_writes", "Status writes in flight", registry=r
         )
         self.feed_lag = Gauge(
-            "presenced_feed_lag_seconds", "Seconds since the feed last answered", registry=r
+            "presenced_feed_lag_seconds", "Seconds the feed is behind: since it last answered,"
+            " or the oplog's own lag; NaN until it first answered", registry=r
         )
-        self.ready = Gauge("presenced_ready", "1 when /ready answers 200", registry=r)
+        self.ready = Gauge(
+            "presenced_ready", "1 when /ready answers 200 (computed at scrape time)", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

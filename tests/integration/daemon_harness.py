@@ -74,7 +74,7 @@ def wait_for(
     seconds pass, or at once when ``daemon`` is given and its process has exited.
     """
     deadline = time.monotonic() + timeout
-    last: Any = None
+    last: T | None = None
     while True:
         last = predicate()
         if last:

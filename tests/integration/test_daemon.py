@@ -442,7 +442,9 @@ def test_a_signal_stops_the_daemon_within_5_s_while_mongodb_is_unreachable(
 def test_an_unreachable_mongodb_is_healthy_but_not_ready(tmp_path: Path) -> None:
     with DaemonProcess(tmp_path, "mongodb://127.0.0.1:1/rocketchat") as d:
         d.start(wait_ready=False)
-        status, health = wait_for(d.health, 20, "GET /health answers", daemon=d)
+        answered = wait_for(d.health, 20, "GET /health answers", daemon=d)
+        assert answered is not None
+        status, health = answered
         assert status == 200, health
         answer = d.ready()
         assert answer is not None

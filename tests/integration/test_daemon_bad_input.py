@@ -42,7 +42,13 @@ def test_a_malformed_connection_is_counted_logged_and_the_good_ones_still_count(
         lambda: 'reason="connection_bad_updated_at"' in metrics(d.port), 10,
         "the malformed connection in /metrics", daemon=d,
     )
-    assert "refused malformed input (connection_bad_updated_at)" in d.output()
+    assert f"usersSessions document malformed _id={uid!r} (connection_bad_updated_at)" in (
+        d.output()
+    )
+    # Re-read on every event about the user, counted once: one bad document.
+    assert 'presenced_malformed_documents_total{reason="connection_bad_updated_at"} 1.0' in (
+        metrics(d.port)
+    )
     assert d.ready() is not None and d.ready()[0] == 200  # type: ignore[index]
 
 

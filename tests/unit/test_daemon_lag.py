@@ -5,7 +5,8 @@ from __future__ import annotations
 from loguru import logger
 
 from presenced.config import load_settings
-from presenced.daemon import READY_MAX_LAG_S, Daemon
+from presenced.daemon import Daemon
+from presenced.health import READY_MAX_LAG_S
 
 
 def make_daemon() -> Daemon:

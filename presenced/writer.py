@@ -1,0 +1,194 @@
+"""The writer: re-read users, let the engine decide, write what changed, confirm it.
+
+Owns the path from "these users may have changed" to a landed ``users`` write: the bulk
+re-read (``users`` and ``usersSessions`` by ``_id``, in batches), handing the documents to
+the engine, the conditional bulk writes (at most ``MAX_CONCURRENT_SYNC`` in flight), the
+confirmation that turns a landed write into a transition, and the retry set: users whose
+read or write failed, or whose write met a concurrent change, are re-read by the next
+``retry()`` (housekeeping calls it every SYNC_INTERVAL).
+
+Must never: decide a status (the engine does), or call the store but through
+:class:`~presenced.blocking.StoreCalls` (worker threads, limiters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final
+
+import trio
+from loguru import logger
+from pymongo.errors import PyMongoError
+
+from presenced.blocking import StoreCalls
+from presenced.clock import Clock
+from presenced.engine import Engine, PlannedWrite, Reason, Transition
+from presenced.health import Health, RefusalLog
+from presenced.metrics import Metrics
+from presenced.store import StatusWrite
+
+__all__ = ["BATCH", "Writer"]
+
+BATCH: Final = 500
+"""Users per bulk read and per bulk write."""
+
+
+class Writer:
+    """Loads, writes and confirms; remembers who must be retried."""
+
+    def __init__(
+        self,
+        db: StoreCalls,
+        engine: Engine,
+        clock: Clock,
+        health: Health,
+        metrics: Metrics,
+        refusals: RefusalLog,
+        *,
+        collections: tuple[str, str],
+        on_transition: Callable[[Transition], None] | None = None,
+        on_timers_changed: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._db = db
+        self._engine = engine
+        self._clock = clock
+        self._health = health
+        self._metrics = metrics
+        self._refusals = refusals
+        self._users_collection, self._sessions_collection = collections
+        self._on_transition = on_transition
+        self._on_timers_changed = on_timers_changed
+        # A read and the engine.load of its documents happen under one lock, so that an
+        # older read is never applied after a newer one.
+        self._load_lock = trio.Lock()
+        self._retry: set[Any] = set()
+        self.pending_writes = 0
+        self.counts = {"written": 0, "conflicts": 0, "transitions": 0}
+
+    # -- loads --------------------------------------------------------------------------
+    async def load(self, user_ids: Iterable[Any], reason: Reason) -> None:
+        """Re-read ``user_ids``, derive, write what changed. A batch whose read fails is
+        kept for ``retry()`` (the failure is logged as an outage)."""
+        for chunk in _chunks(list(dict.fromkeys(user_ids))):
+            try:
+                await self._load_chunk(chunk, reason)
+            except PyMongoError as exc:
+                self._health.failed("load", exc)
+                self._retry.update(chunk)
+
+    async def load_strict(self, user_ids: Sequence[Any], reason: Reason) -> None:
+        """As ``load``, but a failed read raises (the caller retries the same batch)."""
+        for chunk in _chunks(list(dict.fromkeys(user_ids))):
+            await self._load_chunk(chunk, reason)
+
+    async def _load_chunk(self, chunk: list[Any], reason: Reason) -> None:
+        store = self._db.store
+        async with self._load_lock:
+            users = await self._db.read(store.load_users, chunk)
+            sessions = await self._db.read(store.load_sessions, chunk)
+            self._health.succeeded()
+            now = self._clock.now_ms()
+            writes = [
+                w for uid in chunk
+                if (w := self._engine.load(uid, users.get(uid), sessions.get(uid), now, reason))
+            ]
+        self._report_refused()
+        self._on_timers_changed()
+        await self.write(writes)
+
+    async def evaluate(self, user_ids: Iterable[Any], reason: Reason) -> None:
+        """Re-derive cached users at the clock's now; re-read those not cached."""
+        now = self._clock.now_ms()
+        writes: list[PlannedWrite] = []
+        reread: list[Any] = []
+        for uid in user_ids:
+            if uid not in self._engine:
+                reread.append(uid)
+                continue
+            write = self._engine.evaluate(uid, now, reason)
+            if write is not None:
+                writes.append(write)
+        await self.write(writes)
+        if reread:
+            await self.load(reread, reason)
+
+    async def retry(self) -> None:
+        """Re-read the users a failure or a conflict left behind."""
+        if self._retry:
+            users, self._retry = list(self._retry), set()
+            await self.load(users, Reason.RETRY)
+
+    @property
+    def retry_pending(self) -> int:
+        return len(self._retry)
+
+    def _report_refused(self) -> None:
+        for refused in self._engine.take_refused():
+            collection = (
+                self._users_collection if refused.kind == "users" else self._sessions_collection
+            )
+            self._refusals.document(collection, refused.doc_id, refused.reasons, refused.content)
+
+    # -- writes -------------------------------------------------------------------------
+    async def write(self, writes: Sequence[PlannedWrite]) -> None:
+        """Write in batches, concurrently (the store's write limiter bounds how many)."""
+        if not writes:
+            return
+        async with trio.open_nursery() as nursery:
+            for start in range(0, len(writes), BATCH):
+                nursery.start_soon(self._write_batch, writes[start : start + BATCH])
+
+    async def _write_batch(self, writes: Sequence[PlannedWrite]) -> None:
+        request = [
+            StatusWrite(
+                w.user_id, w.presence.status.value, w.presence.status_connection.value,
+                w.expected_status, w.expected_status_connection,
+            )
+            for w in writes
+        ]
+        self.pending_writes += len(writes)
+        try:
+            outcome = await self._db.write(self._db.store.write_statuses, request)
+        except PyMongoError as exc:
+            # Landed or not, we cannot tell: re-read these users once MongoDB answers.
+            self._metrics.writes.labels("failed").inc(len(writes))
+            self._health.failed("write", exc)
+            for w in writes:
+                self._engine.forget(w.user_id)
+                self._retry.add(w.user_id)
+            return
+        finally:
+            self.pending_writes -= len(writes)
+        self._health.succeeded()
+        by_id = {w.user_id: w for w in writes}
+        now = self._clock.now_ms()
+        for uid in outcome.written:
+            self.counts["written"] += 1
+            self._metrics.writes.labels("written").inc()
+            transition = self._engine.confirm(by_id[uid], now)
+            if transition is not None:
+                self._transition(transition)
+        if outcome.conflicts:
+            self.counts["conflicts"] += len(outcome.conflicts)
+            self._metrics.writes.labels("conflict").inc(len(outcome.conflicts))
+            for uid in outcome.conflicts:
+                self._engine.conflict(uid)
+            logger.debug("{} writes met a concurrent change; re-reading", len(outcome.conflicts))
+            self._retry.update(outcome.conflicts)
+        self._on_timers_changed()
+
+    def _transition(self, t: Transition) -> None:
+        self.counts["transitions"] += 1
+        self._metrics.transitions.labels(t.reason.value, t.current.status.value).inc()
+        before = "?" if t.previous is None else t.previous.status.value
+        logger.debug(
+            "{} ({}): {} → {} ({})", t.username or "?", t.user_id, before,
+            t.current.status.value, t.reason.value,
+        )
+        if self._on_transition is not None:
+            self._on_transition(t)
+
+
+def _chunks(ids: list[Any]) -> Iterable[list[Any]]:
+    for start in range(0, len(ids), BATCH):
+        yield ids[start : start + BATCH]
