@@ -1,6 +1,6 @@
 """Feeds: MongoDB changes in, presence keys out.
 
-Owns: turning change events (and, later, oplog entries) into the keys of
+Owns: turning change events and oplog entries into the keys of
 :mod:`presenced.feed.keys` — "this user's sessions / this user / this instance changed", or
 "reconcile everything". Every feed produces the same keys, so the loader, engine and writer
 are shared.
@@ -16,7 +16,6 @@ from presenced.feed.keys import (
     ResyncAll,
     SessionsChanged,
     UserChanged,
-    WatchedCollections,
     touches_presence_fields,
 )
 
@@ -27,6 +26,5 @@ __all__ = [
     "ResyncAll",
     "SessionsChanged",
     "UserChanged",
-    "WatchedCollections",
     "touches_presence_fields",
 ]

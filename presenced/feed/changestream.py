@@ -44,10 +44,10 @@ from presenced.feed.keys import (
     ResyncAll,
     SessionsChanged,
     UserChanged,
-    WatchedCollections,
     touches_presence_fields,
 )
 from presenced.feed.source import HistoryLost
+from presenced.presence import Collections
 
 DOCUMENT_OPERATIONS: tuple[str, ...] = ("insert", "update", "replace", "delete")
 """Events about one document: they become a per-document key."""
@@ -71,7 +71,7 @@ _NOTHING = Decoded()
 _MALFORMED = Decoded(malformed=True)
 
 
-def decode_change_event(event: Mapping[str, Any], watched: WatchedCollections) -> list[Key]:
+def decode_change_event(event: Mapping[str, Any], watched: Collections) -> list[Key]:
     """The keys of one change event (``[]`` for an event presence ignores or can't read).
 
     Never raises. Use :func:`decode` to also learn whether the event was malformed.
@@ -79,7 +79,7 @@ def decode_change_event(event: Mapping[str, Any], watched: WatchedCollections) -
     return list(decode(event, watched).keys)
 
 
-def decode(event: object, watched: WatchedCollections) -> Decoded:
+def decode(event: object, watched: Collections) -> Decoded:
     """Decodes one change event; never raises, whatever ``event`` is."""
     try:
         return _decode(event, watched)
@@ -87,7 +87,7 @@ def decode(event: object, watched: WatchedCollections) -> Decoded:
         return _MALFORMED
 
 
-def _decode(event: object, watched: WatchedCollections) -> Decoded:
+def _decode(event: object, watched: Collections) -> Decoded:
     if not isinstance(event, Mapping):
         return _MALFORMED
     op = event.get("operationType")
@@ -141,7 +141,7 @@ def _decode(event: object, watched: WatchedCollections) -> Decoded:
     return Decoded((UserChanged(doc_id),))
 
 
-def _watched_collection(ns: object, watched: WatchedCollections) -> str | None:
+def _watched_collection(ns: object, watched: Collections) -> str | None:
     """The watched collection ``ns`` names, ``""`` for any other one, None if malformed."""
     if not isinstance(ns, Mapping):
         return None
@@ -182,7 +182,7 @@ def _updated_fields(description: object) -> list[str] | None:
 # server-side pipeline
 
 
-def pipeline(watched: WatchedCollections) -> list[dict[str, Any]]:
+def pipeline(watched: Collections) -> list[dict[str, Any]]:
     """Stages for a database change stream on ``watched.database``.
 
     ``$match`` keeps the document events of the three watched collections, their drops and
@@ -287,7 +287,7 @@ class ChangeStreamSource:
     def __init__(
         self,
         client: MongoClient[Any],
-        watched: WatchedCollections,
+        watched: Collections,
         *,
         max_await_ms: int = 1000,
         batch_size: int = 1000,

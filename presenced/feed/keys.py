@@ -6,8 +6,8 @@ The collections a feed watches and the ``users`` fields presence reads come from
 :mod:`presenced.presence` (``Collections``, ``USER_FIELDS``).
 
 A key says *which* document changed, never *how*: the loader re-reads the current
-documents, so a key is correct whatever the event carried. Both feeds (change streams and,
-later, the oplog) produce exactly these keys, so everything downstream is shared.
+documents, so a key is correct whatever the event carried. Both feeds (change streams and
+the oplog) produce exactly these keys, so everything downstream is shared.
 
 Must never: decide a status, do I/O, import pymongo, trio or loguru. Everything here is pure.
 """
@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from presenced.presence import USER_FIELDS, Collections
+from presenced.presence import USER_FIELDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +65,6 @@ class Decoded:
 
 PRESENCE_USER_FIELDS: frozenset[str] = frozenset(USER_FIELDS)
 """Top-level ``users`` fields presence reads; a change to any other field needs no re-read."""
-
-WatchedCollections = Collections
-"""The database and collections a feed watches: :class:`presenced.presence.Collections`."""
-
 
 def touches_presence_fields(top_level_fields: Iterable[str]) -> bool:
     """True if any of ``top_level_fields`` is (or is inside) a field presence reads.

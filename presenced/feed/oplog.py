@@ -69,10 +69,10 @@ from presenced.feed.keys import (
     ResyncAll,
     SessionsChanged,
     UserChanged,
-    WatchedCollections,
     touches_presence_fields,
 )
 from presenced.feed.source import HistoryLost
+from presenced.presence import Collections
 
 __all__ = [
     "Decoded",
@@ -97,7 +97,7 @@ _MALFORMED = Decoded(malformed=True)
 # decoder (pure)
 
 
-def decode_oplog_entry(entry: Mapping[str, Any], watched: WatchedCollections) -> Decoded:
+def decode_oplog_entry(entry: Mapping[str, Any], watched: Collections) -> Decoded:
     """What one oplog entry means for presence: its keys, and whether it was malformed.
 
     Never raises, whatever ``entry`` is.
@@ -108,7 +108,7 @@ def decode_oplog_entry(entry: Mapping[str, Any], watched: WatchedCollections) ->
         return _MALFORMED
 
 
-def _decode(entry: object, watched: WatchedCollections, depth: int) -> Decoded:
+def _decode(entry: object, watched: Collections, depth: int) -> Decoded:
     if not isinstance(entry, Mapping):
         return _MALFORMED
     op = entry.get("op")
@@ -153,7 +153,7 @@ def _decode(entry: object, watched: WatchedCollections, depth: int) -> Decoded:
 
 
 def _decode_command(
-    db: str, o: Mapping[str, Any], watched: WatchedCollections, depth: int
+    db: str, o: Mapping[str, Any], watched: Collections, depth: int
 ) -> Decoded:
     if "applyOps" in o:
         ops = o["applyOps"]
@@ -253,14 +253,14 @@ def _diff_fields(diff: object) -> frozenset[str] | None:
 # server-side filter
 
 
-def watched_namespaces(watched: WatchedCollections) -> list[str]:
+def watched_namespaces(watched: Collections) -> list[str]:
     """The ``ns`` values an entry presence may care about has: the three collections, the
     watched database's commands (drops, renames) and ``admin.$cmd`` (transactions)."""
     db = watched.database
     return [f"{db}.{name}" for name in watched.names] + [f"{db}.$cmd", "admin.$cmd"]
 
 
-def oplog_filter(watched: WatchedCollections, after: Timestamp | None) -> dict[str, Any]:
+def oplog_filter(watched: Collections, after: Timestamp | None) -> dict[str, Any]:
     """The ``find`` filter on ``local.oplog.rs``: entries after ``after`` (all if None)
     in :func:`watched_namespaces`, and no-ops.
 
@@ -322,7 +322,7 @@ class OplogSource:
     def __init__(
         self,
         client: MongoClient[Any],
-        watched: WatchedCollections,
+        watched: Collections,
         *,
         max_await_ms: int = 1000,
         batch_size: int = 1000,

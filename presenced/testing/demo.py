@@ -120,7 +120,7 @@ def _banner(url: str, port: int, users: int) -> None:
 async def _report(daemon: Any, sim: RocketChatSimulator) -> None:
     while True:
         await trio.sleep(10)
-        ok, body = daemon.readiness()
+        ok, body = daemon.health.readiness()
         print(f"    [ready={ok} users tracked={body['users_tracked']} written="
               f"{daemon.counts['written']} reaped={daemon.counts['reaped']} "
               f"rocket.chat writes={sim.stats.total}]", flush=True)

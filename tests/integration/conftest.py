@@ -9,14 +9,14 @@ import pytest
 from pymongo import MongoClient
 from pymongo.database import Database
 
-from presenced.feed.keys import WatchedCollections
+from presenced.presence import Collections
 
 from .feed_support import Doc
 
 
 @pytest.fixture
-def watched(db: Database[Doc]) -> WatchedCollections:
-    return WatchedCollections(db.name)
+def watched(db: Database[Doc]) -> Collections:
+    return Collections(db.name)
 
 
 @pytest.fixture

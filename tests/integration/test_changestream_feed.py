@@ -22,13 +22,13 @@ from pymongo.database import Database
 from pymongo.write_concern import WriteConcern
 
 from presenced.feed.changestream import ChangeStreamSource, _has_buffered_events
-from presenced.feed.keys import WatchedCollections
+from presenced.presence import Collections
 
 from .feed_support import AWAIT_MS, TIMEOUT, Doc, empty_poll, now
 
 
 @pytest.fixture
-def source(client: MongoClient[Doc], watched: WatchedCollections) -> Iterator[ChangeStreamSource]:
+def source(client: MongoClient[Doc], watched: Collections) -> Iterator[ChangeStreamSource]:
     s = ChangeStreamSource(client, watched, max_await_ms=AWAIT_MS)
     yield s
     s.close()

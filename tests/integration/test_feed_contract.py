@@ -36,10 +36,10 @@ from presenced.feed.keys import (
     ResyncAll,
     SessionsChanged,
     UserChanged,
-    WatchedCollections,
 )
 from presenced.feed.oplog import OplogSource
 from presenced.feed.source import FeedSource, HistoryLost
+from presenced.presence import Collections
 
 from .feed_support import (
     AWAIT_MS,
@@ -74,13 +74,13 @@ class Feed:
 
 
 def _change_stream(
-    client: MongoClient[Doc], watched: WatchedCollections, *, max_await_ms: int = AWAIT_MS
+    client: MongoClient[Doc], watched: Collections, *, max_await_ms: int = AWAIT_MS
 ) -> FeedSource:
     return ChangeStreamSource(client, watched, max_await_ms=max_await_ms)
 
 
 def _oplog(
-    client: MongoClient[Doc], watched: WatchedCollections, *, max_await_ms: int = AWAIT_MS
+    client: MongoClient[Doc], watched: Collections, *, max_await_ms: int = AWAIT_MS
 ) -> FeedSource:
     return OplogSource(client, watched, max_await_ms=max_await_ms)
 
@@ -99,7 +99,7 @@ def feed(request: pytest.FixtureRequest) -> Feed:
 
 @pytest.fixture
 def source(
-    feed: Feed, client: MongoClient[Doc], watched: WatchedCollections
+    feed: Feed, client: MongoClient[Doc], watched: Collections
 ) -> Iterator[FeedSource]:
     """A source of the ``feed`` kind, opened from now; closed after the test."""
     s = feed.make(client, watched)
@@ -271,7 +271,7 @@ def test_source_opened_from_a_saved_position_sees_exactly_the_later_events(
     feed: Feed,
     client: MongoClient[Doc],
     db: Database[Doc],
-    watched: WatchedCollections,
+    watched: Collections,
     source: FeedSource,
 ) -> None:
     for i in range(5):
@@ -301,7 +301,7 @@ def test_source_opened_from_a_position_saved_after_an_empty_poll_misses_nothing(
     feed: Feed,
     client: MongoClient[Doc],
     db: Database[Doc],
-    watched: WatchedCollections,
+    watched: Collections,
     source: FeedSource,
 ) -> None:
     connect(db, "u0", "c0")
@@ -331,7 +331,7 @@ def test_poll_returns_nothing_within_about_max_await_when_idle(source: FeedSourc
 
 
 def test_events_already_received_are_handed_on_without_waiting_for_another_getmore(
-    feed: Feed, client: MongoClient[Doc], db: Database[Doc], watched: WatchedCollections
+    feed: Feed, client: MongoClient[Doc], db: Database[Doc], watched: Collections
 ) -> None:
     slow = feed.make(client, watched, max_await_ms=LONG_AWAIT_MS)
     try:
@@ -363,7 +363,7 @@ def test_open_from_a_position_no_longer_in_the_history_raises_history_lost(
 ) -> None:
     _, client = own_emulator(oplog_size=20)
     db = fresh_db(client)
-    watched = WatchedCollections(db.name)
+    watched = Collections(db.name)
     source = feed.make(client, watched)
     source.open(None)
     connect(db, "u0", "c0")
@@ -388,7 +388,7 @@ def test_position_overwritten_while_following_raises_history_lost_on_the_next_po
 ) -> None:
     _, client = own_emulator(oplog_size=20)
     db = fresh_db(client)
-    source = feed.make(client, WatchedCollections(db.name))
+    source = feed.make(client, Collections(db.name))
     source.open(None)
     assert source.poll() == []
     for i in range(100):
@@ -407,7 +407,7 @@ def test_polling_goes_on_across_a_server_restart_without_losing_events(
 ) -> None:
     emu, client = own_emulator()
     db = fresh_db(client)
-    source = feed.make(client, WatchedCollections(db.name))
+    source = feed.make(client, Collections(db.name))
     source.open(None)
     connect(db, "u1", "c1")
     assert keys_until(source, lambda k: k == SessionsChanged("u1")) == [SessionsChanged("u1")]
@@ -431,7 +431,7 @@ def test_poll_raises_while_the_server_is_down_and_recovers_without_loss_once_it_
     client: MongoClient[Doc] = MongoClient(emu.url, serverSelectionTimeoutMS=300)
     try:
         db = fresh_db(client)
-        source = feed.make(client, WatchedCollections(db.name))
+        source = feed.make(client, Collections(db.name))
         source.open(None)
         connect(db, "u1", "c1")
         assert keys_until(source, lambda k: k == SessionsChanged("u1")) == [SessionsChanged("u1")]

@@ -21,9 +21,10 @@ from bson import Timestamp
 from pymongo import MongoClient
 from pymongo.database import Database
 
-from presenced.feed.keys import SessionsChanged, WatchedCollections
+from presenced.feed.keys import SessionsChanged
 from presenced.feed.oplog import OplogSource
 from presenced.feed.source import HistoryLost
+from presenced.presence import Collections
 
 from .feed_support import (
     AWAIT_MS,
@@ -38,7 +39,7 @@ from .feed_support import (
 
 
 @pytest.fixture
-def source(client: MongoClient[Doc], watched: WatchedCollections) -> Iterator[OplogSource]:
+def source(client: MongoClient[Doc], watched: Collections) -> Iterator[OplogSource]:
     s = OplogSource(client, watched, max_await_ms=AWAIT_MS)
     yield s
     s.close()
@@ -84,7 +85,7 @@ def test_lag_is_zero_once_caught_up_and_positive_while_behind(
 
 
 def test_quiet_period_recreates_the_cursor_without_losing_entries(
-    client: MongoClient[Doc], db: Database[Doc], watched: WatchedCollections
+    client: MongoClient[Doc], db: Database[Doc], watched: Collections
 ) -> None:
     s = OplogSource(client, watched, max_await_ms=AWAIT_MS, quiet_reopen_s=0.0)
     try:

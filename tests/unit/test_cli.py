@@ -162,6 +162,19 @@ def test_a_user_count_that_is_not_a_number_is_refused_naming_the_option(
 # --- demo without the testing extra ------------------------------------------------------
 
 
+@pytest.fixture
+def isolated_modules() -> Iterator[None]:
+    """Put ``sys.modules`` back exactly as it was: modules a test imports afresh (after
+    removing the loaded ones) must not outlive it, or later tests get two copies of a
+    module (the emulator's global write capture among them)."""
+    saved = dict(sys.modules)
+    yield
+    for name in list(sys.modules):
+        if name not in saved:
+            del sys.modules[name]
+    sys.modules.update(saved)
+
+
 def without_the_testing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     """As if mongomock-ng were not installed: importing it raises ImportError."""
     for name in list(sys.modules):
@@ -171,7 +184,7 @@ def without_the_testing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_demo_without_the_testing_extra_says_how_to_install_it_and_exits_1(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    isolated_modules: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     without_the_testing_extra(monkeypatch)
 
@@ -184,10 +197,12 @@ def test_demo_without_the_testing_extra_says_how_to_install_it_and_exits_1(
 
 
 def test_demo_lets_an_import_error_of_its_own_code_through_as_a_bug(
-    monkeypatch: pytest.MonkeyPatch,
+    isolated_modules: None, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # mongomock_ng goes too: importing the emulator afresh patches the mongomock_ng it
+    # finds, and the loaded one must stay patched by the loaded emulator only.
     for name in list(sys.modules):
-        if name.startswith("presenced.testing."):
+        if name.startswith(("mongomock_ng", "presenced.testing.")):
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "presenced.testing.simulator", None)
 

@@ -31,12 +31,12 @@ from presenced.feed.keys import (
     ResyncAll,
     SessionsChanged,
     UserChanged,
-    WatchedCollections,
     touches_presence_fields,
 )
 from presenced.feed.source import HistoryLost
+from presenced.presence import Collections
 
-W = WatchedCollections("rocketchat")
+W = Collections("rocketchat")
 WALL = datetime(2024, 5, 1, 12, 0, 0, 123000)
 NOW = datetime(2024, 5, 1, 12, 0, 0, 456000)
 
@@ -379,7 +379,7 @@ def test_other_collection_of_the_watched_database_is_ignored() -> None:
 
 
 def test_renamed_collections_are_decoded_by_their_configured_names() -> None:
-    watched = WatchedCollections("chat", users="u", sessions="s", instances="i")
+    watched = Collections("chat", users="u", sessions="s", instances="i")
     assert decode_change_event(
         event("delete", ns=ns("s", db="chat"), documentKey={"_id": "x"}), watched
     ) == [SessionsChanged("x")]
@@ -472,7 +472,7 @@ def test_pipeline_projection_keeps_the_resume_token_and_drops_the_full_document(
 
 
 def test_pipeline_match_names_the_watched_database_and_collections() -> None:
-    text = repr(pipeline(WatchedCollections("chat", users="u", sessions="s", instances="i")))
+    text = repr(pipeline(Collections("chat", users="u", sessions="s", instances="i")))
     assert "'chat'" in text
     assert "['u', 's', 'i']" in text
     assert "'invalidate'" in text

@@ -23,11 +23,11 @@ from presenced.feed.keys import (
     ResyncAll,
     SessionsChanged,
     UserChanged,
-    WatchedCollections,
 )
 from presenced.feed.oplog import decode_oplog_entry, oplog_filter, touched_fields
+from presenced.presence import Collections
 
-W = WatchedCollections("rocketchat")
+W = Collections("rocketchat")
 WALL = datetime(2024, 5, 1, 12, 0, 0, 123000)
 UI = Binary(b"\x12" * 16, 4)
 
@@ -327,7 +327,7 @@ def test_writes_to_another_database_or_collection_are_nothing() -> None:
 
 
 def test_renamed_watched_names_are_honoured() -> None:
-    w = WatchedCollections("rc", users="u", sessions="s", instances="i")
+    w = Collections("rc", users="u", sessions="s", instances="i")
     assert decode_oplog_entry(entry("d", "rc.s", {"_id": 1}), w).keys == (SessionsChanged(1),)
     assert decode_oplog_entry(entry("d", "rc.usersSessions", {"_id": 1}), w).keys == ()
 
