@@ -158,9 +158,10 @@ class Health:
             self._reason = f"authorization failed: {line}"
             logger.error(
                 "MongoDB refused an operation for lack of privileges ({}): {}. Grant the"
-                " MongoDB user the roles listed in docs/operations.md (read on the"
-                " Rocket.Chat database, readWrite on users/usersSessions and presenced's"
-                " collections, changeStream or read on local for the feed); retrying",
+                " MongoDB user the privileges docs/operations.md lists (find and update on"
+                " users, usersSessions and presenced_checkpoints, find on instances, and"
+                " changeStream on the database or find on local.oplog.rs for the feed);"
+                " retrying",
                 component, line,
             )
 

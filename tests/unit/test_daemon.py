@@ -80,6 +80,29 @@ def test_users_of_an_instance_go_offline_one_ms_after_its_heartbeat_is_too_old()
     run(scenario)
 
 
+def test_an_instance_whose_document_goes_takes_its_users_offline_and_its_connections_reaped(
+) -> None:
+    async def scenario(env: Env) -> None:
+        t0 = env.now()
+        env.store.instance_heartbeat("gone", t0)
+        env.store.instance_heartbeat("alive", t0)
+        env.store.add_user("u1")
+        env.store.add_user("u2")
+        env.store.connect("u1", "c1", "gone", t0)
+        env.store.connect("u2", "c2", "gone", t0)
+        env.store.connect("u2", "c3", "alive", t0)
+        async with env.running():
+            env.store.remove_instance("gone")  # what the TTL index does to a crashed one
+            await env.settle()  # the feed's key: no housekeeping pass needed
+            assert env.store.presence("u1") == OFF
+            assert env.store.presence("u2") == ON
+            await env.after(env.settings.sync_interval_seconds)
+            assert env.store.connection_ids("u1") == []
+            assert env.store.connection_ids("u2") == ["c3"]
+
+    run(scenario)
+
+
 def test_housekeeping_reaps_a_stale_connection_on_its_first_pass_after_expiry() -> None:
     async def scenario(env: Env) -> None:
         t0 = env.now()
