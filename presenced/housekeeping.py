@@ -96,20 +96,17 @@ class Housekeeping:
             self._health.failed("instances", exc)
             return
         self._health.succeeded()
-        updated_ms, problems = parse_instances(docs)
-        if problems:
-            self._report_instances(docs)
+        updated_ms: dict[str, int | None] = {}
+        for doc in docs:  # one document at a time, so a refusal names its document
+            parsed, reasons = parse_instances([doc])
+            updated_ms.update(parsed)
+            if reasons:
+                doc_id = doc.get("_id") if isinstance(doc, dict) else None
+                self._refusals.document(self._instances_collection, doc_id, reasons, repr(doc))
         affected = self._engine.set_instances(updated_ms, self._clock.now_ms())
         if affected:
             await self._writer.evaluate(affected, Reason.INSTANCE)
         self._on_timers_changed()
-
-    def _report_instances(self, docs: list[Any]) -> None:
-        for doc in docs:
-            _, reasons = parse_instances([doc])
-            if reasons:
-                doc_id = doc.get("_id") if isinstance(doc, dict) else None
-                self._refusals.document(self._instances_collection, doc_id, reasons, repr(doc))
 
     # -- reaper -------------------------------------------------------------------------
     async def reap(self) -> None:

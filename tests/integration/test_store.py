@@ -319,8 +319,13 @@ def test_write_statuses_reports_a_concurrent_change_as_a_conflict_and_keeps_it(
     assert (stored["status"], stored["statusConnection"]) == ("busy", "busy")
 
 
-def test_write_statuses_expecting_absent_matches_only_missing_fields(
-    store: Store, db: Database[Doc]
+@pytest.mark.parametrize(
+    ("expected", "written", "conflict"),
+    [(ABSENT, "missing", "null"), (None, "null", "missing")],
+    ids=["absent-matches-only-a-missing-field", "none-matches-only-a-stored-null"],
+)
+def test_write_statuses_tells_a_missing_field_from_a_stored_null(
+    store: Store, db: Database[Doc], expected: object, written: str, conflict: str
 ) -> None:
     db.users.insert_many(
         [
@@ -331,34 +336,13 @@ def test_write_statuses_expecting_absent_matches_only_missing_fields(
 
     outcome = store.write_statuses(
         [
-            StatusWrite("missing", "online", "online", ABSENT, ABSENT),
-            StatusWrite("null", "online", "online", ABSENT, ABSENT),
+            StatusWrite("missing", "online", "online", expected, expected),
+            StatusWrite("null", "online", "online", expected, expected),
         ]
     )
 
-    assert outcome.written == ["missing"]
-    assert outcome.conflicts == ["null"]
-
-
-def test_write_statuses_expecting_null_matches_only_a_stored_null(
-    store: Store, db: Database[Doc]
-) -> None:
-    db.users.insert_many(
-        [
-            user("missing", status=None, status_connection=None),
-            {**user("null"), "status": None, "statusConnection": None},
-        ]
-    )
-
-    outcome = store.write_statuses(
-        [
-            StatusWrite("missing", "online", "online", None, None),
-            StatusWrite("null", "online", "online", None, None),
-        ]
-    )
-
-    assert outcome.written == ["null"]
-    assert outcome.conflicts == ["missing"]
+    assert outcome.written == [written]
+    assert outcome.conflicts == [conflict]
 
 
 @pytest.mark.parametrize(
