@@ -27,8 +27,10 @@ from presenced.writer import BATCH, Writer
 
 __all__ = ["PAGE", "PROGRESS_EVERY_S", "Reconciler"]
 
-PAGE: Final = BATCH
-"""Ids per reconcile page (one page is read, loaded and written before the next)."""
+PAGE: Final = 10 * BATCH
+"""Ids per reconcile page. A page is read, then loaded and written in batches of
+``writer.BATCH``, before the next page: fewer, larger scan queries (each may read many
+documents that do not match before it fills), small enough to retry."""
 PROGRESS_EVERY_S: Final = 5.0
 """A reconciliation logs its progress at most this often."""
 
@@ -74,13 +76,15 @@ class Reconciler:
         return len(seen)
 
     async def _load(self, ids: list[Any], seen: set[Any]) -> None:
-        """Load the ids not loaded yet in this pass; retry this batch alone until it lands."""
+        """Load the ids not loaded yet in this pass, a batch at a time; a batch that fails
+        is retried alone until it lands."""
         fresh = [uid for uid in ids if uid not in seen]
-        if fresh:
+        for start in range(0, len(fresh), BATCH):
+            batch = fresh[start : start + BATCH]
             await self._db.until_answered(
-                "reconcile", partial(self._writer.load_strict, fresh, Reason.RECONCILE)
+                "reconcile", partial(self._writer.load_strict, batch, Reason.RECONCILE)
             )
-            seen.update(fresh)
+            seen.update(batch)
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         """One read of the walk, repeated alone until MongoDB answers."""

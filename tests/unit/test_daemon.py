@@ -10,11 +10,15 @@ process against MongoDB in real time.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
+from typing import Any
 
 from pymongo.errors import AutoReconnect, OperationFailure, ServerSelectionTimeoutError
 
 from presenced.engine import Reason
 from presenced.presence import ABSENT, from_ms
+from presenced.reconcile import PAGE
+from presenced.store import ReconcileSource
 from presenced.writer import BATCH
 
 from .daemon_double import MONGO_URL, Env, run
@@ -282,33 +286,59 @@ def test_an_outage_is_logged_when_it_starts_at_most_once_a_minute_with_its_lengt
 def test_a_failed_reconcile_page_is_retried_alone_and_progress_is_logged() -> None:
     async def scenario(env: Env) -> None:
         now = env.now()
-        for n in range(3 * BATCH):
+        for n in range(2 * PAGE + 1):
             uid = f"u{n:05d}"
             env.store.add_user(uid)
             env.store.connect(uid, f"c{n}", None, now)
-        first_page_last = f"u{BATCH - 1:05d}"
+        first_page_last = f"u{PAGE - 1:05d}"
         # The second page times out six times in a row (6.3 s of backoff in all).
         failures = [AutoReconnect("timed out")] * 6
         original = env.store.reconcile_page
 
-        def flaky(source: str, after: str | None, limit: int) -> list[str]:
+        def flaky(source: ReconcileSource, after: str | None, limit: int) -> list[str]:
             if source == "sessions" and after == first_page_last and failures:
                 failures.pop()
                 raise AutoReconnect("timed out")
-            return original(source, after, limit)  # type: ignore[arg-type]
+            return original(source, after, limit)
 
         env.store.reconcile_page = flaky  # type: ignore[method-assign]
         async with env.running():
-            assert env.store.presence(f"u{3 * BATCH - 1:05d}") == ON
+            assert env.store.presence(f"u{2 * PAGE:05d}") == ON
             sessions_pages = [after for source, after in env.store.pages if source == "sessions"]
             # Never started over: the first page was read once, the failed one until it
             # answered, then the rest.
-            assert sessions_pages == [
-                None, first_page_last, f"u{2 * BATCH - 1:05d}", f"u{3 * BATCH - 1:05d}"
-            ]
+            assert sessions_pages == [None, first_page_last, f"u{2 * PAGE - 1:05d}"]
             assert env.metric("presenced_mongodb_errors_total", component="reconcile") == 6
-            assert env.lines("INFO", "reconciliation (startup): ")
-            assert "users checked" in env.lines("INFO", "reconciliation (startup): ")[0]
+            progress = env.lines("INFO", "reconciliation (startup): ")
+            assert progress and "users checked" in progress[0] and "users/s" in progress[0]
+
+    run(scenario)
+
+
+def test_a_failed_load_during_reconciliation_is_retried_alone() -> None:
+    async def scenario(env: Env) -> None:
+        now = env.now()
+        for n in range(3 * BATCH):
+            uid = f"u{n:05d}"
+            env.store.add_user(uid)
+            env.store.connect(uid, f"c{n}", None, now)
+        loaded: list[str] = []
+        original = env.store.load_users
+        failures = [AutoReconnect("timed out")] * 3
+
+        def flaky(user_ids: Collection[Any]) -> dict[Any, Any]:
+            ids = list(user_ids)
+            if ids[0] == f"u{BATCH:05d}" and failures:  # the second batch of the page
+                failures.pop()
+                raise AutoReconnect("timed out")
+            loaded.append(ids[0])
+            return original(ids)
+
+        env.store.load_users = flaky  # type: ignore[method-assign]
+        async with env.running():
+            assert env.store.presence(f"u{3 * BATCH - 1:05d}") == ON
+            first_batches = [first for first in loaded if first in ("u00000", f"u{BATCH:05d}")]
+            assert first_batches[:2] == ["u00000", f"u{BATCH:05d}"]  # batch 1 read once
 
     run(scenario)
 
