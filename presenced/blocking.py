@@ -72,7 +72,8 @@ class StoreCalls:
 
     ``read`` runs under a limiter of ``max_concurrent + 2`` (room for the housekeeping next
     to the loads) and is abandoned when cancelled; ``write`` runs under ``max_concurrent``
-    (``MAX_CONCURRENT_SYNC``) and is never abandoned.
+    (``MAX_CONCURRENT_SYNC``) and is not abandoned unless the caller says the write is
+    idempotent (``abandon=True``: a checkpoint, which the next one replaces).
     """
 
     def __init__(
@@ -113,8 +114,8 @@ class StoreCalls:
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         return await self._run_sync(partial(fn, *args), limiter=self._reads, abandon=True)
 
-    async def write(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._run_sync(partial(fn, *args), limiter=self._writes, abandon=False)
+    async def write(self, fn: Callable[..., T], *args: Any, abandon: bool = False) -> T:
+        return await self._run_sync(partial(fn, *args), limiter=self._writes, abandon=abandon)
 
 
 class Feed(Protocol):

@@ -154,7 +154,11 @@ class Housekeeping:
         if position is None or position == self._saved_position:
             return
         try:
-            await self._db.write(self._db.store.save_checkpoint, self._checkpoint_name, position)
+            # Abandoned when cancelled (the shutdown grace): a save that did not land is
+            # only an older position to resume from, and every start reconciles anyway.
+            await self._db.write(
+                self._db.store.save_checkpoint, self._checkpoint_name, position, abandon=True
+            )
         except PyMongoError as exc:
             self._health.failed("checkpoint", exc)
             return

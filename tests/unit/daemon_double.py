@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 import trio.testing
@@ -23,6 +23,8 @@ from presenced.config import load_settings
 from presenced.daemon import Backend, Daemon
 from presenced.engine import Transition
 from presenced.testing.memory import MemoryFeed, MemoryStore
+
+T = TypeVar("T")
 
 EPOCH_MS = 1_750_000_000_000
 """The wall-clock instant at trio time 0 in these tests."""
@@ -41,13 +43,27 @@ class Env:
         self.clock = Clock(epoch_ms=EPOCH_MS)
         self.transitions: list[Transition] = []
         self.logs: list[tuple[str, str]] = []
+        self.delays: dict[str, float] = {}
+        """Store methods by name that take this many seconds (a slow or hung MongoDB)."""
         self.daemon = Daemon(
             self.settings, backend=lambda s, c: Backend(self.store, self.feed),
-            clock=self.clock, run_sync=inline, on_transition=self.transitions.append,
+            clock=self.clock, run_sync=self._run_sync, on_transition=self.transitions.append,
             serve=False,
         )
         self.ttl_ms = self.settings.cache_ttl * 1000
         self.timeout_ms = self.settings.instance_timeout * 1000
+
+    async def _run_sync(
+        self, fn: Callable[[], T], *, limiter: trio.CapacityLimiter, abandon: bool
+    ) -> T:
+        """``blocking.inline``, with the delays of ``self.delays``: a call that may be
+        abandoned can be cancelled during its delay, one that may not runs it out."""
+        name = getattr(getattr(fn, "func", fn), "__name__", "")
+        delay = self.delays.get(name, 0.0)
+        if delay:
+            with trio.CancelScope(shield=not abandon):
+                await trio.sleep(delay)
+        return await inline(fn, limiter=limiter, abandon=abandon)
 
     # -- time ---------------------------------------------------------------------------
     def now(self) -> int:

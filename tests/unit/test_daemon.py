@@ -15,6 +15,7 @@ from typing import Any
 
 from pymongo.errors import AutoReconnect, OperationFailure, ServerSelectionTimeoutError
 
+from presenced.daemon import SHUTDOWN_GRACE_S
 from presenced.engine import Reason
 from presenced.presence import ABSENT, from_ms
 from presenced.reconcile import PAGE
@@ -371,6 +372,21 @@ def test_a_stop_saves_the_position_of_the_last_applied_batch() -> None:
             assert env.store.presence("u1") == ON
         name = env.daemon.feed_name
         assert env.store.checkpoints[name]["position"] == env.feed.position()
+
+    run(scenario)
+
+
+def test_shutdown_waits_for_the_checkpoint_at_most_the_grace_period() -> None:
+    async def scenario(env: Env) -> None:
+        env.store.add_user("u1")
+        async with env.running():
+            env.store.connect("u1", "c1", None, env.now())
+            await env.settle()
+            env.delays["save_checkpoint"] = 3600.0  # MongoDB stopped answering
+            stopped_at = env.clock.monotonic()
+        # Left the block: run() returned after stop().
+        assert env.clock.monotonic() - stopped_at <= SHUTDOWN_GRACE_S + 0.01
+        assert env.daemon.feed_name not in env.store.checkpoints
 
     run(scenario)
 
