@@ -112,9 +112,9 @@ class _Progress:
             return
         self._logged = now
         elapsed = now - self._started
-        rate = (users - self._users_before) / elapsed if elapsed > 0 else 0.0
         logger.info(
-            "reconciliation ({}): {} users checked; {} pass: {} of about {} documents read,"
-            " {:.0f} users/s",
-            self._cause, users, self._source, self._read, self._total, rate,
+            "reconciliation ({}): {} users checked ({:.0f}/s); {} pass: {} of about {}"
+            " documents read ({:.0f}/s)",
+            self._cause, users, (users - self._users_before) / elapsed, self._source,
+            self._read, self._total, self._read / elapsed,
         )

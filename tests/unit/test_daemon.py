@@ -311,7 +311,7 @@ def test_a_failed_reconcile_page_is_retried_alone_and_progress_is_logged() -> No
             assert sessions_pages == [None, first_page_last, f"u{2 * PAGE - 1:05d}"]
             assert env.metric("presenced_mongodb_errors_total", component="reconcile") == 6
             progress = env.lines("INFO", "reconciliation (startup): ")
-            assert progress and "users checked" in progress[0] and "users/s" in progress[0]
+            assert progress and "users checked" in progress[0] and "documents read" in progress[0]
 
     run(scenario)
 
