@@ -245,13 +245,13 @@ class Daemon:
         s = self.settings
         writer = Writer(
             db, self.engine, self.clock, self.health, self.metrics, self.refusals,
-            collections=(s.users_collection, s.sessions_collection),
+            collections=self.collections,
             on_transition=self._on_transition, on_timers_changed=self._wake_timers,
         )
         reconciler = Reconciler(db, writer, self.clock, self.metrics)
         housekeeping = Housekeeping(
             db, self.engine, writer, self.clock, self.health, self.metrics, self.refusals,
-            period_s=s.sync_interval_seconds, instances_collection=s.instances_collection,
+            period_s=s.sync_interval_seconds, collections=self.collections,
             checkpoint_name=self.feed_name, safe_position=lambda: self._safe_position,
             feed_malformed=lambda: feed.malformed, on_timers_changed=self._wake_timers,
         )

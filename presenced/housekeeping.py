@@ -24,7 +24,7 @@ from presenced.clock import Clock
 from presenced.engine import Engine, Reason
 from presenced.health import Health, RefusalLog
 from presenced.metrics import Metrics
-from presenced.presence import from_ms, parse_connections, parse_instances, reap_plan
+from presenced.presence import Collections, from_ms, parse_connections, parse_instances, reap_plan
 from presenced.store import ReapRequest
 from presenced.writer import Writer
 
@@ -48,7 +48,7 @@ class Housekeeping:
         refusals: RefusalLog,
         *,
         period_s: float,
-        instances_collection: str,
+        collections: Collections,
         checkpoint_name: str,
         safe_position: Callable[[], Any],
         feed_malformed: Callable[[], int],
@@ -62,7 +62,7 @@ class Housekeeping:
         self._metrics = metrics
         self._refusals = refusals
         self._period_s = period_s
-        self._instances_collection = instances_collection
+        self._instances_collection = collections.instances
         self._checkpoint_name = checkpoint_name
         self._safe_position = safe_position
         self._feed_malformed = feed_malformed

@@ -25,6 +25,7 @@ from presenced.clock import Clock
 from presenced.engine import Engine, PlannedWrite, Reason, Transition
 from presenced.health import Health, RefusalLog
 from presenced.metrics import Metrics
+from presenced.presence import Collections
 from presenced.store import StatusWrite
 
 __all__ = ["BATCH", "Writer"]
@@ -45,7 +46,7 @@ class Writer:
         metrics: Metrics,
         refusals: RefusalLog,
         *,
-        collections: tuple[str, str],
+        collections: Collections,
         on_transition: Callable[[Transition], None] | None = None,
         on_timers_changed: Callable[[], None] = lambda: None,
     ) -> None:
@@ -55,7 +56,7 @@ class Writer:
         self._health = health
         self._metrics = metrics
         self._refusals = refusals
-        self._users_collection, self._sessions_collection = collections
+        self._collections = collections
         self._on_transition = on_transition
         self._on_timers_changed = on_timers_changed
         # A read and the engine.load of its documents happen under one lock, so that an
@@ -124,9 +125,8 @@ class Writer:
 
     def _report_refused(self) -> None:
         for refused in self._engine.take_refused():
-            collection = (
-                self._users_collection if refused.kind == "users" else self._sessions_collection
-            )
+            collections = self._collections
+            collection = collections.users if refused.kind == "users" else collections.sessions
             self._refusals.document(collection, refused.doc_id, refused.reasons, refused.content)
 
     # -- writes -------------------------------------------------------------------------
