@@ -29,14 +29,12 @@ import argparse
 import math
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
@@ -45,23 +43,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pymongo import MongoClient
 from pymongo.change_stream import ChangeStream
 
+from presenced.testing.processes import (
+    READY_TIMEOUT,
+    Failed,
+    emulator,
+    free_port,
+    ready,
+    stop,
+    with_database,
+)
 from presenced.testing.simulator import RocketChatSimulator, SimulatedUser, utc_now_ms
 
 Doc = dict[str, Any]
 TARGET_P99_MS = 50.0  # on the change-stream feed
-READY_TIMEOUT = 60.0  # seconds for the emulator and presenced to come up
-STOP_TIMEOUT = 10.0  # seconds for a process to exit before it is killed
 MARKER = "bench_marker"  # a collection presenced ignores; its insert closes a run
 STEPS = ("online", "away", "offline")  # each user in turn: connect, set away, disconnect
-
-
-class Failed(Exception):
-    """The benchmark could not measure (exit status 2)."""
 
 
 class OutOfTime(Failed):
@@ -73,67 +73,6 @@ STARTED: list[subprocess.Popen[Any]] = []
 
 
 # -------------------------------------------------------------------------------- processes
-
-
-def python() -> str:
-    return sys.executable
-
-
-def with_database(url: str, database: str) -> str:
-    """``url`` with its path set to ``/database`` (its query kept)."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, ""))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> int:
-    """Signal ``proc``, wait up to STOP_TIMEOUT, then kill it. Returns its exit status."""
-    if proc.poll() is None:
-        with suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
-@contextmanager
-def emulator() -> Iterator[str]:
-    """The emulator as a process; yields its URL and stops it on leaving."""
-    proc = subprocess.Popen(
-        [python(), "-m", "presenced.testing.mongo", "--port", "0"],
-        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-    )
-    STARTED.append(proc)
-    try:
-        stdout = proc.stdout
-        assert stdout is not None
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(READY_TIMEOUT)
-        line = lines[0].strip() if lines else ""
-        if not line.startswith("ready "):
-            raise Failed(f"the emulator did not report ready (got {line!r})")
-        threading.Thread(target=stdout.read, daemon=True).start()  # never block on a pipe
-        yield line.split(" ", 1)[1]
-    finally:
-        stop(proc, signal.SIGINT)
-
-
-def ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
 
 
 @contextmanager
@@ -159,7 +98,7 @@ def daemon(url: str, database: str, feed: str, workdir: Path) -> Iterator[None]:
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     log = workdir / f"presenced-{feed}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([python(), "-m", "presenced", "run"], env=env, cwd=workdir,
+        proc = subprocess.Popen([sys.executable, "-m", "presenced", "run"], env=env, cwd=workdir,
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     STARTED.append(proc)
     try:
@@ -428,7 +367,7 @@ def main() -> int:
     results: list[Result] = []
     try:
         with tempfile.TemporaryDirectory(prefix="presenced-latency-") as tmp, \
-                emulator() as url:
+                emulator(started=STARTED) as url:
             for feed in feeds:
                 results.append(run_feed(url, feed, args, Path(tmp), deadline))
     except Failed as exc:

@@ -20,42 +20,16 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from pymongo import MongoClient
 
-PYTHON = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
+from presenced.testing.processes import Failed, emulator, free_port, ready, stop, with_database
 
 
 def main() -> int:
@@ -66,64 +40,64 @@ def main() -> int:
     procs: list[subprocess.Popen[Any]] = []
     workdir = Path(tempfile.mkdtemp(prefix="presenced-startup-"))
     try:
-        emulator = subprocess.Popen(
-            [PYTHON, "-m", "presenced.testing.mongo", "--port", str(free_port()),
-             "--oplog-size", str(3 * args.users + 1000)],
-            stdout=subprocess.PIPE, text=True,
-        )
-        procs.append(emulator)
-        assert emulator.stdout is not None
-        url = emulator.stdout.readline().split()[1]
-        client: MongoClient[dict[str, Any]] = MongoClient(url)
-        db = client.rocketchat
-        now = dt.datetime.now(dt.UTC)
-        started = time.monotonic()
-        for first in range(0, args.users, 10_000):
-            ids = [f"user{n:07d}" for n in range(first, min(args.users, first + 10_000))]
-            db.users.insert_many([
-                {"_id": u, "username": u, "active": True, "status": "offline",
-                 "statusConnection": "offline"} for u in ids
-            ])
-            db.usersSessions.insert_many([
-                {"_id": u, "connections": [{"id": f"c-{u}", "instanceId": "i1",
-                                            "status": "online", "_createdAt": now,
-                                            "_updatedAt": now}]} for u in ids
-            ])
-        print(f"seeded {args.users} users in {time.monotonic() - started:.1f} s", flush=True)
-        started = time.monotonic()
-        scanned = sum(1 for _ in db.usersSessions.find({}, {"_id": 1}))
-        scan_s = time.monotonic() - started
-        port = free_port()
-        env = {
-            "PATH": os.environ.get("PATH", ""), "HOME": str(workdir),
-            "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
-            "MONGO_URL": url.replace("/?", "/rocketchat?"), "HEALTH_CHECK_PORT": str(port),
-            "PORT": str(free_port()), "CACHE_TTL": "3600", "LOG_LEVEL": "info",
-        }
-        log = workdir / "presenced.log"
-        started = time.monotonic()
-        with log.open("wb") as out:
-            daemon = subprocess.Popen([PYTHON, "-m", "presenced", "run"], env=env, stdout=out,
-                                      stderr=subprocess.STDOUT)
-        procs.append(daemon)
-        while not ready(port):
-            if daemon.poll() is not None or time.monotonic() - started > args.budget:
-                print(f"presenced not ready after {time.monotonic() - started:.0f} s;"
-                      f" its log: {log}", flush=True)
-                return 2
-            time.sleep(0.5)
-        ready_s = time.monotonic() - started
-        online = db.users.count_documents({"status": "online"})
-        print(f"bare driver scan of {scanned} usersSessions ids: {scan_s:.1f} s")
-        print(f"presenced start-up to /ready with {args.users} users: {ready_s:.1f} s"
-              f" ({args.users / ready_s:.0f} users/s), {online} users online")
-        print(f"ratio start-up / bare scan: {ready_s / scan_s:.1f}")
-        client.close()
-        return 0
+        with emulator("--oplog-size", str(3 * args.users + 1000), started=procs) as url:
+            return measure(url, args.users, args.budget, workdir, procs)
+    except Failed as exc:
+        print(f"start-up benchmark could not measure: {exc}", file=sys.stderr)
+        return 2
     finally:
         for proc in reversed(procs):
             stop(proc)
 
+
+def measure(
+    url: str, users: int, budget: float, workdir: Path, procs: list[subprocess.Popen[Any]]
+) -> int:
+    client: MongoClient[dict[str, Any]] = MongoClient(url)
+    db = client.rocketchat
+    now = dt.datetime.now(dt.UTC)
+    started = time.monotonic()
+    for first in range(0, users, 10_000):
+        ids = [f"user{n:07d}" for n in range(first, min(users, first + 10_000))]
+        db.users.insert_many([
+            {"_id": u, "username": u, "active": True, "status": "offline",
+             "statusConnection": "offline"} for u in ids
+        ])
+        db.usersSessions.insert_many([
+            {"_id": u, "connections": [{"id": f"c-{u}", "instanceId": "i1",
+                                        "status": "online", "_createdAt": now,
+                                        "_updatedAt": now}]} for u in ids
+        ])
+    print(f"seeded {users} users in {time.monotonic() - started:.1f} s", flush=True)
+    started = time.monotonic()
+    scanned = sum(1 for _ in db.usersSessions.find({}, {"_id": 1}))
+    scan_s = time.monotonic() - started
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""), "HOME": str(workdir),
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        "MONGO_URL": with_database(url, "rocketchat"), "HEALTH_CHECK_PORT": str(port),
+        "PORT": str(free_port()), "CACHE_TTL": "3600", "LOG_LEVEL": "info",
+    }
+    log = workdir / "presenced.log"
+    started = time.monotonic()
+    with log.open("wb") as out:
+        daemon = subprocess.Popen([sys.executable, "-m", "presenced", "run"], env=env,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    procs.append(daemon)
+    while not ready(port):
+        if daemon.poll() is not None or time.monotonic() - started > budget:
+            raise Failed(f"presenced not ready after {time.monotonic() - started:.0f} s;"
+                         f" its log: {log}")
+        time.sleep(0.5)
+    ready_s = time.monotonic() - started
+    online = db.users.count_documents({"status": "online"})
+    print(f"bare driver scan of {scanned} usersSessions ids: {scan_s:.1f} s")
+    print(f"presenced start-up to /ready with {users} users: {ready_s:.1f} s"
+          f" ({users / ready_s:.0f} users/s), {online} users online")
+    print(f"ratio start-up / bare scan: {ready_s / scan_s:.1f}")
+    client.close()
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,95 @@
+"""presenced and its emulator as processes, for benchmarks and tools that measure them.
+
+Owns: a free loopback port, starting ``python -m presenced.testing.mongo`` and reading the
+URL it reports, polling ``/ready``, and stopping a process (signal, wait, then kill).
+
+Must never: be imported by the daemon.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+__all__ = ["READY_TIMEOUT", "STOP_TIMEOUT", "Failed", "emulator", "free_port", "ready", "stop",
+           "with_database"]
+
+READY_TIMEOUT: Final = 60.0
+"""Seconds for the emulator or presenced to come up."""
+STOP_TIMEOUT: Final = 10.0
+"""Seconds for a process to exit after its signal before it is killed."""
+
+
+class Failed(Exception):
+    """A process did not start, or did not do what the measurement needs."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def with_database(url: str, database: str) -> str:
+    """``url`` with its path set to ``/database`` (its query kept)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, ""))
+
+
+def ready(port: int) -> bool:
+    """True when presenced's ``/ready`` on ``port`` answers 200."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> int:
+    """Signal ``proc``, wait up to STOP_TIMEOUT, then kill it. Returns its exit status."""
+    if proc.poll() is None:
+        with suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@contextmanager
+def emulator(
+    *args: str, started: list[subprocess.Popen[Any]] | None = None
+) -> Iterator[str]:
+    """The emulator as a process (``args`` added to its command line); yields its URL and
+    stops it on leaving. The process is appended to ``started`` for a caller's own cleanup."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "presenced.testing.mongo", "--port", "0", *args],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )
+    if started is not None:
+        started.append(proc)
+    try:
+        stdout = proc.stdout
+        assert stdout is not None
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(READY_TIMEOUT)
+        line = lines[0].strip() if lines else ""
+        if not line.startswith("ready "):
+            raise Failed(f"the emulator did not report ready (got {line!r})")
+        threading.Thread(target=stdout.read, daemon=True).start()  # never block on a pipe
+        yield line.split(" ", 1)[1]
+    finally:
+        stop(proc, signal.SIGINT)
