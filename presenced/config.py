@@ -50,6 +50,7 @@ __all__ = [
 Feed = Literal["auto", "oplog", "changestream"]
 EffectiveFeed = Literal["oplog", "changestream"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+Serializer = Literal["EJSON", "JSON"]
 Source = Literal["env", ".env", "file", "default"]
 """Where a setting's value came from: the process environment, the .env file, a
 ``NAME_FILE`` file, or the built-in default."""
@@ -67,6 +68,10 @@ DEFAULT_MAX_CONCURRENT_SYNC: Final = 10
 DEFAULT_USERS_COLLECTION: Final = "users"
 DEFAULT_SESSIONS_COLLECTION: Final = "usersSessions"
 DEFAULT_INSTANCES_COLLECTION: Final = "instances"
+DEFAULT_SERIALIZER: Final[Serializer] = "EJSON"
+DEFAULT_HEARTBEAT_INTERVAL: Final = 10
+DEFAULT_HEARTBEAT_TIMEOUT: Final = 30
+TRANSPORTER_EXAMPLE: Final = "nats://127.0.0.1:4222"
 
 PROCESS_INSTANCE_ID: Final = uuid.uuid4().hex
 """INSTANCE_ID when none is set: generated once per process, the same for every load."""
@@ -84,6 +89,7 @@ _LOG_LEVELS: Final[Mapping[str, LogLevel]] = {
     "warning": "warning",
     "error": "error",
 }
+_NAMESPACE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _INSTANCE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _WHOLE_NUMBER: Final = re.compile(r"[+-]?[0-9]+")
 _SRV_ONLY_OPTIONS: Final = frozenset({"srvservicename", "srvmaxhosts", "srvallowedhostssuffix"})
@@ -134,6 +140,35 @@ SETTINGS_TABLE: Final[tuple[SettingDoc, ...]] = (
         "ROCKETCHAT_PASSWORD",
         "(unset)",
         "That user's password. Secret: may be given as ROCKETCHAT_PASSWORD_FILE.",
+    ),
+    SettingDoc(
+        "TRANSPORTER",
+        "(unset)",
+        "Rocket.Chat's service broker (Moleculer over NATS), e.g."
+        f" `{TRANSPORTER_EXAMPLE}`: presenced joins it as the `presence` service and"
+        " broadcasts `presence.status`. Unset: no broker. Secret: may be given as"
+        " TRANSPORTER_FILE.",
+    ),
+    SettingDoc(
+        "MS_NAMESPACE",
+        "(empty)",
+        "The broker's namespace, as Rocket.Chat's (letters, digits, `_`, `-`).",
+    ),
+    SettingDoc(
+        "SERIALIZER",
+        DEFAULT_SERIALIZER,
+        "The broker's packet format, as Rocket.Chat's: `EJSON` or `JSON`.",
+    ),
+    SettingDoc(
+        "HEARTBEAT_INTERVAL",
+        str(DEFAULT_HEARTBEAT_INTERVAL),
+        "Seconds between the broker heartbeats presenced sends (1-3600).",
+    ),
+    SettingDoc(
+        "HEARTBEAT_TIMEOUT",
+        str(DEFAULT_HEARTBEAT_TIMEOUT),
+        "Seconds without a heartbeat after which a broker node is lost and its"
+        " connections removed (more than HEARTBEAT_INTERVAL).",
     ),
     SettingDoc(
         "LOG_LEVEL",
@@ -252,6 +287,14 @@ class Settings:
     """Without a trailing slash."""
     rocketchat_username: str | None = None
     rocketchat_password: str | None = None
+    transporter: str | None = None
+    """The broker's NATS URL, or None: no broker."""
+    ms_namespace: str = ""
+    serializer: Serializer = DEFAULT_SERIALIZER
+    heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL
+    """Seconds."""
+    heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT
+    """Seconds."""
     log_level: LogLevel = DEFAULT_LOG_LEVEL
     instance_id: str = PROCESS_INSTANCE_ID
     cache_ttl: int = DEFAULT_CACHE_TTL
@@ -307,7 +350,7 @@ class Settings:
     def secrets(self) -> list[str]:
         """The secret values, as given and percent-decoded, for ``log.configure_logging``."""
         found: list[str] = []
-        for url in (self.mongo_url, self.mongo_oplog_url, self.rocketchat_url):
+        for url in (self.mongo_url, self.mongo_oplog_url, self.rocketchat_url, self.transporter):
             password = _url_password(url) if url else None
             if password:
                 found += [password, unquote(password)]
@@ -328,6 +371,11 @@ class Settings:
             "ROCKETCHAT_URL": _shown_url(self.rocketchat_url),
             "ROCKETCHAT_USERNAME": self.rocketchat_username or UNSET,
             "ROCKETCHAT_PASSWORD": MASK if self.rocketchat_password else UNSET,
+            "TRANSPORTER": _shown_url(self.transporter),
+            "MS_NAMESPACE": self.ms_namespace or "(empty)",
+            "SERIALIZER": self.serializer,
+            "HEARTBEAT_INTERVAL": str(self.heartbeat_interval),
+            "HEARTBEAT_TIMEOUT": str(self.heartbeat_timeout),
             "LOG_LEVEL": self.log_level,
             "INSTANCE_ID": self.instance_id,
             "CACHE_TTL": str(self.cache_ttl),
@@ -387,6 +435,34 @@ def load_settings(
     password = reader.secret("ROCKETCHAT_PASSWORD")
     _check_rocketchat_login(reader, rocketchat_url, username, password)
 
+    transporter = _read_transporter(reader)
+    namespace = (reader.value("MS_NAMESPACE") or "").strip()
+    if namespace and not _NAMESPACE.fullmatch(namespace):
+        reader.problem(
+            "MS_NAMESPACE",
+            f"MS_NAMESPACE={_quoted(namespace)} is not a usable broker namespace; use up to 64"
+            " letters, digits, '_' or '-' (the same value as Rocket.Chat's MS_NAMESPACE)",
+        )
+        namespace = ""
+    serializer_text = reader.choice("SERIALIZER", ("ejson", "json"), "ejson", "a serializer")
+    serializer: Serializer = "JSON" if serializer_text == "json" else "EJSON"
+    heartbeat_interval = reader.integer(
+        "HEARTBEAT_INTERVAL", DEFAULT_HEARTBEAT_INTERVAL, 1, 3600, "seconds"
+    )
+    heartbeat_timeout = reader.integer(
+        "HEARTBEAT_TIMEOUT", DEFAULT_HEARTBEAT_TIMEOUT, 1, 86_400, "seconds"
+    )
+    if heartbeat_timeout <= heartbeat_interval and not reader.invalid.intersection(
+        ("HEARTBEAT_INTERVAL", "HEARTBEAT_TIMEOUT")
+    ):
+        reader.problem(
+            "HEARTBEAT_TIMEOUT",
+            f"HEARTBEAT_TIMEOUT={heartbeat_timeout} is not more than"
+            f" HEARTBEAT_INTERVAL={heartbeat_interval}: every node would be lost between two"
+            " heartbeats; set it to about three intervals (default"
+            f" {DEFAULT_HEARTBEAT_TIMEOUT} for {DEFAULT_HEARTBEAT_INTERVAL})",
+        )
+
     level_text = reader.choice("LOG_LEVEL", tuple(_LOG_LEVELS), "info", "a log level")
     log_level = _LOG_LEVELS.get(level_text, DEFAULT_LOG_LEVEL)
 
@@ -437,6 +513,11 @@ def load_settings(
         rocketchat_url=rocketchat_url,
         rocketchat_username=username,
         rocketchat_password=password,
+        transporter=transporter,
+        ms_namespace=namespace,
+        serializer=serializer,
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_timeout=heartbeat_timeout,
         log_level=log_level,
         instance_id=instance_id,
         cache_ttl=cache_ttl,
@@ -662,6 +743,28 @@ def _read_rocketchat_url(reader: _Reader) -> str | None:
         )
         return None
     return url.rstrip("/")
+
+
+def _read_transporter(reader: _Reader) -> str | None:
+    raw = reader.secret("TRANSPORTER")
+    if raw is None:
+        return None
+    url = raw.strip()
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme.lower() in ("nats", "tls") and bool(parts.hostname)
+        _ = parts.port
+    except ValueError:
+        valid = False
+    if not valid:
+        reader.problem(
+            "TRANSPORTER",
+            f"TRANSPORTER={_quoted(_masked_broken_url(url))} is not a NATS URL; presenced"
+            f" speaks Moleculer over NATS: set it to Rocket.Chat's, e.g. {TRANSPORTER_EXAMPLE}"
+            " (nats:// or tls://), or unset it to run without the broker",
+        )
+        return None
+    return url
 
 
 def _check_rocketchat_login(

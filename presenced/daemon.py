@@ -43,6 +43,8 @@ from presenced.blocking import (
     ThreadedFeed,
     in_worker_thread,
 )
+from presenced.broker.node import BrokerConfig, BrokerNode, LinkFactory, nats_link
+from presenced.broker.service import PresenceService
 from presenced.clock import Clock
 from presenced.config import Settings
 from presenced.engine import Engine, Reason, Transition
@@ -51,7 +53,9 @@ from presenced.feed.source import HistoryLost
 from presenced.health import READY_MAX_LAG_S, Gauges, Health, RefusalLog
 from presenced.housekeeping import Housekeeping
 from presenced.http import serve_http
+from presenced.log import mask_url
 from presenced.metrics import Metrics
+from presenced.notify import Notifier
 from presenced.presence import Collections
 from presenced.reconcile import Reconciler
 from presenced.store import PresenceStore
@@ -135,7 +139,9 @@ class Daemon:
     ``backend`` makes the store and feed (default: MongoDB through pymongo); ``clock`` is
     the one clock (default: the wall clock on trio's); ``run_sync`` runs blocking store
     calls (default: worker threads; tests with an in-memory store pass
-    :func:`presenced.blocking.inline`); ``serve`` starts the HTTP endpoints.
+    :func:`presenced.blocking.inline`); ``serve`` starts the HTTP endpoints;
+    ``broker_link`` connects to the broker's NATS when ``TRANSPORTER`` is set (default:
+    nats-py; tests pass a double).
     """
 
     def __init__(
@@ -147,6 +153,7 @@ class Daemon:
         run_sync: RunSync = in_worker_thread,
         on_transition: Callable[[Transition], None] | None = None,
         serve: bool = True,
+        broker_link: LinkFactory = nats_link,
     ) -> None:
         self.settings = settings
         self.clock = clock if clock is not None else Clock()
@@ -157,7 +164,12 @@ class Daemon:
         self.engine = Engine(
             ttl_ms=settings.cache_ttl * 1000,
             instance_timeout_ms=settings.instance_timeout * 1000,
+            # With the broker, connections name ddp-streamer nodes, which `instances` does
+            # not list: there a lost node is found by the broker (removeLostConnections).
+            unlisted_instances_dead=settings.transporter is None,
         )
+        self.notifier = Notifier()
+        self.broker: BrokerNode | None = None
         self.health = Health(
             self.clock, self.metrics, instance_id=settings.instance_id,
             feed_kind=self.feed_kind, secrets=settings.secrets(), gauges=self._gauges,
@@ -167,6 +179,7 @@ class Daemon:
         self._run_sync = run_sync
         self._on_transition = on_transition
         self._serve = serve
+        self._broker_link = broker_link
         self._wake = trio.Event()
         self._safe_position: Any = None
         self._behind = False
@@ -246,7 +259,7 @@ class Daemon:
         writer = Writer(
             db, self.engine, self.clock, self.health, self.metrics, self.refusals,
             collections=self.collections,
-            on_transition=self._on_transition, on_timers_changed=self._wake_timers,
+            on_transition=self._transition, on_timers_changed=self._wake_timers,
         )
         reconciler = Reconciler(db, writer, self.clock, self.metrics)
         housekeeping = Housekeeping(
@@ -257,9 +270,54 @@ class Daemon:
         )
         return writer, reconciler, housekeeping
 
+    def _transition(self, t: Transition) -> None:
+        self.notifier.transition(t)
+        if self._on_transition is not None:
+            self._on_transition(t)
+
+    async def refresh(self, user_ids: Sequence[Any]) -> list[Transition]:
+        """Re-derive ``user_ids`` now, ahead of the feed (a broker action wrote their
+        documents); the transitions written."""
+        assert self.writer is not None
+        return await self.writer.load(user_ids, Reason.ACTION)
+
+    def _broker(self, db: StoreCalls) -> BrokerNode | None:
+        s = self.settings
+        if s.transporter is None:
+            return None
+        config = BrokerConfig(
+            url=s.transporter, node_id=s.instance_id, namespace=s.ms_namespace,
+            serializer=s.serializer, heartbeat_interval_s=s.heartbeat_interval,
+            heartbeat_timeout_s=s.heartbeat_timeout, shown_url=mask_url(s.transporter),
+        )
+        node: BrokerNode | None = None
+
+        def live_nodes() -> list[str]:
+            return [s.instance_id, *(node.registry.available_ids() if node else [])]
+
+        service = PresenceService(
+            db, db.store, self.engine, self.clock, self.notifier, refresh=self.refresh,
+            live_nodes=live_nodes, secrets=s.secrets(),
+        )
+        node = BrokerNode(
+            config, service, self.clock, self.metrics, link_factory=self._broker_link
+        )
+        self.notifier.sinks.append(node.broadcast)
+        self.health.details["broker"] = node.details
+        return node
+
     async def _work(self, db: StoreCalls, backend: Backend) -> None:
         feed = backend.feed
         self.writer, self.reconciler, self.housekeeping = self._assemble(db, feed)
+        self.broker = self._broker(db)
+        async with trio.open_nursery() as nursery:
+            if self.broker is not None:
+                nursery.start_soon(self.broker.run)
+            await self._presence(db, backend)
+
+    async def _presence(self, db: StoreCalls, backend: Backend) -> None:
+        feed = backend.feed
+        assert self.housekeeping is not None and self.reconciler is not None
         self.health.source_lag = feed.lag_seconds
         logger.info("feed: {}", self.feed_kind)
         for setting, hello in backend.servers:

@@ -80,6 +80,9 @@ class Reason(StrEnum):
     """Start-up, a lost feed position or a resync: the user is checked from scratch."""
     RETRY = "retry"
     """A read or write about the user failed earlier, or met a concurrent change."""
+    ACTION = "action"
+    """A broker action (``presence.newConnection``, ``setStatus``, …) wrote the user's
+    documents and handed the user over at once, ahead of the feed."""
 
 
 _STATUS_VALUES: Final = frozenset(status.value for status in Status)
@@ -89,7 +92,10 @@ _STATUS_VALUES: Final = frozenset(status.value for status in Status)
 class Transition:
     """A write that landed: what was stored before, what is stored now, and why.
 
-    ``previous`` is None when the stored pair was missing or not a pair of known statuses.
+    ``previous`` is None when the stored pair was missing or not a pair of known statuses;
+    ``previous_status`` is the stored ``status`` exactly as read (``ABSENT`` if missing).
+    ``status_text`` and ``roles`` are the user's fields as last read (``ABSENT`` if
+    missing), for the announcement's payload.
     """
 
     user_id: Any
@@ -97,6 +103,9 @@ class Transition:
     previous: Presence | None
     current: Presence
     reason: Reason
+    previous_status: object = ABSENT
+    status_text: object = ABSENT
+    roles: object = ABSENT
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +124,8 @@ class PlannedWrite:
     expected_status_connection: object
     reason: Reason = Reason.RECONCILE
     username: str | None = None
+    status_text: object = ABSENT
+    roles: object = ABSENT
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +170,10 @@ class EngineStats:
 
     users_tracked: int
     timers_pending: int
+    connections: int
+    """Connections in the cached users' documents (counted or not), now."""
+    peak_connections: int
+    """The most ``connections`` has been since start or the last ``reset_peak``."""
     writes_planned: Mapping[str, int]
     transitions: Mapping[str, int]
     evictions: int
@@ -175,6 +190,8 @@ class _CachedUser:
     stored_status_connection: object
     instance_ids: frozenset[str]
     answer: Presence
+    status_text: object = ABSENT
+    roles: object = ABSENT
     confirmed: bool = False
     """The stored pair is the one a confirmed write put there (so a second confirm of it is
     a duplicate), not merely one read from the document."""
@@ -245,7 +262,12 @@ class Engine:
     """
 
     def __init__(
-        self, *, ttl_ms: int, instance_timeout_ms: int, max_users: int = 1_000_000
+        self,
+        *,
+        ttl_ms: int,
+        instance_timeout_ms: int,
+        max_users: int = 1_000_000,
+        unlisted_instances_dead: bool = True,
     ) -> None:
         if ttl_ms < 0 or instance_timeout_ms < 0:
             raise ValueError("ttl_ms and instance_timeout_ms must be zero or more milliseconds")
@@ -253,7 +275,10 @@ class Engine:
             raise ValueError("max_users must be at least 1")
         self._ttl_ms = ttl_ms
         self._instance_timeout_ms = instance_timeout_ms
+        self._unlisted_dead = unlisted_instances_dead
         self._liveness: InstanceLiveness = NO_INSTANCES
+        self._connections = 0
+        self._peak_connections = 0
         self._users = _UserCache(max_users, self._on_evict)
         # instance id -> users with at least one connection on it (cached users only).
         self._by_instance: dict[str, set[Any]] = {}
@@ -282,7 +307,9 @@ class Engine:
         usual heartbeat of an instance) needs nothing: the user's timer fires early, the
         answer is unchanged, and ``evaluate`` schedules the later instant.
         """
-        old, new = self._liveness, InstanceLiveness(updated_ms, self._instance_timeout_ms)
+        old, new = self._liveness, InstanceLiveness(
+            updated_ms, self._instance_timeout_ms, unlisted_dead=self._unlisted_dead
+        )
         self._liveness = new
         affected: dict[Any, None] = {}
         for instance_id, user_ids in self._by_instance.items():
@@ -350,6 +377,8 @@ class Engine:
             stored_status_connection=stored_status_connection,
             instance_ids=frozenset(c.instance_id for c in connections if c.instance_id),
             answer=derive(state, connections, now_ms, self._ttl_ms, self._liveness),
+            status_text=user_doc.get("statusText", ABSENT),
+            roles=user_doc.get("roles", ABSENT),
             confirmed=previous is not None
             and previous.confirmed
             and _same_value(previous.stored_status, stored_status)
@@ -357,6 +386,7 @@ class Engine:
         )
         self._users[user_id] = cached
         self._reindex(user_id, previous.instance_ids if previous else frozenset(), cached)
+        self._count_connections(previous, cached)
         return self._settle(user_id, cached, now_ms, reason)
 
     def evaluate(self, user_id: Any, now_ms: int, reason: Reason) -> PlannedWrite | None:
@@ -394,6 +424,8 @@ class Engine:
             expected_status_connection=cached.stored_status_connection,
             reason=reason,
             username=cached.username,
+            status_text=cached.status_text,
+            roles=cached.roles,
         )
 
     def confirm(self, write: PlannedWrite, now_ms: int) -> Transition | None:
@@ -412,7 +444,7 @@ class Engine:
         new_status = write.presence.status.value
         new_status_connection = write.presence.status_connection.value
         cached = self._users.get(write.user_id)
-        username = write.username
+        username, status_text, roles = write.username, write.status_text, write.roles
         if cached is not None:
             if (
                 cached.confirmed
@@ -426,14 +458,17 @@ class Engine:
                 stored_status_connection=new_status_connection,
                 confirmed=True,
             )
-            username = cached.username
+            username, status_text, roles = cached.username, cached.status_text, cached.roles
             if cached.answer != write.presence:
                 self._schedule(write.user_id, now_ms)
         previous = _as_presence(write.expected_status, write.expected_status_connection)
         if previous == write.presence:
             return None
         self._transitions[write.reason] += 1
-        return Transition(write.user_id, username, previous, write.presence, write.reason)
+        return Transition(
+            write.user_id, username, previous, write.presence, write.reason,
+            previous_status=write.expected_status, status_text=status_text, roles=roles,
+        )
 
     def conflict(self, user_id: Any) -> None:
         """The write's filter did not match: the stored pair changed under us.
@@ -448,6 +483,7 @@ class Engine:
         cached = self._users.pop(user_id, None)
         if cached is not None:
             self._reindex(user_id, cached.instance_ids, None)
+            self._count_connections(cached, None)
         self._cancel_timer(user_id)
 
     def presence(self, user_id: Any) -> Presence | None:
@@ -461,6 +497,7 @@ class Engine:
     def _on_evict(self, user_id: Any, cached: _CachedUser) -> None:
         self._evictions += 1
         self._reindex(user_id, cached.instance_ids, None)
+        self._count_connections(cached, None)
         self._cancel_timer(user_id)
 
     def _reindex(self, user_id: Any, old: frozenset[str], new: _CachedUser | None) -> None:
@@ -473,6 +510,16 @@ class Engine:
                     del self._by_instance[instance_id]
         for instance_id in current - old:
             self._by_instance.setdefault(instance_id, set()).add(user_id)
+
+    def _count_connections(self, old: _CachedUser | None, new: _CachedUser | None) -> None:
+        self._connections += (len(new.connections) if new else 0) - (
+            len(old.connections) if old else 0
+        )
+        self._peak_connections = max(self._peak_connections, self._connections)
+
+    def reset_peak(self) -> None:
+        """Start the peak of ``stats().peak_connections`` again from the current count."""
+        self._peak_connections = self._connections
 
     # ------------------------------------------------------------------ timers
 
@@ -548,6 +595,8 @@ class Engine:
         return EngineStats(
             users_tracked=len(self._users),
             timers_pending=len(self._timer_token),
+            connections=self._connections,
+            peak_connections=self._peak_connections,
             writes_planned=MappingProxyType(dict(self._writes_planned)),
             transitions=MappingProxyType(dict(self._transitions)),
             evictions=self._evictions,

@@ -111,6 +111,9 @@ class Health:
         """The feed's own measure of its lag at wall time ``now_s`` (the oplog's)."""
         self.quiet = False
         """Set while stopping: operations cancelled by the shutdown are not an outage."""
+        self.details: dict[str, Callable[[], Any]] = {}
+        """More sections of the ``/ready`` body, by name (the broker, Rocket.Chat's REST
+        API): shown, never deciding readiness (presence in MongoDB is right without them)."""
         self._last_feed_ok: float | None = None
         self._outage_since: float | None = None
         self._outage_logged: float = 0.0
@@ -213,6 +216,8 @@ class Health:
             "users_tracked": gauges.users_tracked,
             "pending_writes": gauges.pending_writes,
         }
+        for name, detail in self.details.items():
+            body[name] = detail()
         if reason:
             body["reason"] = reason
         return reason is None, body

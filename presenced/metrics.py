@@ -49,6 +49,30 @@ class Metrics:
             "presenced_feed_lag_seconds", "Seconds the feed is behind: since it last answered,"
             " or the oplog's own lag; NaN until it first answered", registry=r
         )
+        self.broker_connected = Gauge(
+            "presenced_broker_connected", "1 while connected to the service broker's NATS"
+            " (TRANSPORTER); 0 while not; absent without a broker", registry=r,
+        )
+        self.broker_nodes = Gauge(
+            "presenced_broker_nodes", "Other broker nodes currently available", registry=r
+        )
+        self.broker_requests = Counter(
+            "presenced_broker_requests", "presence.* actions served on the broker, by action"
+            " and outcome (ok, error, unknown_action)", ["action", "outcome"], registry=r,
+        )
+        self.broker_events = Counter(
+            "presenced_broker_events", "Broker events, by event and outcome (sent: one per"
+            " listening node; dropped: broker unreachable; received)", ["event", "outcome"],
+            registry=r,
+        )
+        self.broker_malformed = Counter(
+            "presenced_broker_malformed_packets", "Broker packets that could not be used, by"
+            " kind", ["kind"], registry=r,
+        )
+        self.broker_lost_nodes = Counter(
+            "presenced_broker_lost_nodes", "Broker nodes lost (heartbeat timeout or clean"
+            " disconnect), whose connections were then removed", registry=r,
+        )
         self.ready = Gauge(
             "presenced_ready", "1 when /ready answers 200 (computed at scrape time)", registry=r
         )

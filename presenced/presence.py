@@ -117,10 +117,17 @@ class InstanceLiveness:
     when the document exists but its ``_updatedAt`` is unreadable (then it never times out:
     the connection TTL still applies). An instance is dead when ``now - updated > timeout``,
     the same "strictly more than" as the connection TTL.
+
+    ``unlisted_dead``: an id the collection does not list is dead (the contract's rule).
+    With Rocket.Chat's service broker, connections carry the broker node id of the
+    ddp-streamer that holds them, and ddp-streamers are not in ``instances``: there the
+    rule is off (False), and a lost node's connections are removed when the broker says it
+    left (``presence.removeLostConnections``), as Rocket.Chat's presence service does.
     """
 
     updated_ms: Mapping[str, int | None]
     timeout_ms: int
+    unlisted_dead: bool = True
 
     def __post_init__(self) -> None:
         # A read-only copy: the caller's dict cannot change a frozen snapshot behind its back.
@@ -135,7 +142,7 @@ class InstanceLiveness:
         if instance_id is None or not self.updated_ms:
             return False
         if instance_id not in self.updated_ms:
-            return True
+            return self.unlisted_dead
         updated = self.updated_ms[instance_id]
         return updated is not None and now_ms - updated > self.timeout_ms
 

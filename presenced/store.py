@@ -37,6 +37,7 @@ from presenced.presence import ABSENT, USER_FIELDS, Collections
 
 __all__ = [
     "SESSIONS_UPDATED_AT_INDEX",
+    "ActionStore",
     "PresenceStore",
     "ReapRequest",
     "ReconcileSource",
@@ -97,7 +98,32 @@ class ReapRequest:
     cutoff: datetime
 
 
-class PresenceStore(Protocol):
+class ActionStore(Protocol):
+    """The writes of the broker's ``presence`` actions, shaped as Rocket.Chat's own
+    (``UsersSessions`` and ``Users`` models of ``ee/packages/presence``). Blocking."""
+
+    def add_connection(
+        self, user_id: str, connection_id: str, instance_id: str, now: datetime
+    ) -> None: ...
+
+    def touch_connection(self, user_id: str, connection_id: str, now: datetime) -> bool: ...
+
+    def remove_connection(self, connection_id: str) -> None: ...
+
+    def set_connection_status(
+        self, user_id: str, connection_id: str, status: str, now: datetime
+    ) -> bool: ...
+
+    def remove_instance_connections(self, instance_id: str) -> list[Any]: ...
+
+    def remove_other_instances_connections(self, live_ids: Sequence[str]) -> list[Any]: ...
+
+    def set_status_default(
+        self, user_id: str, status_default: str, status_text: str | None
+    ) -> bool: ...
+
+
+class PresenceStore(ActionStore, Protocol):
     """What the daemon asks of its store: :class:`Store`, or a double in tests.
 
     Blocking, like :class:`Store`: the daemon calls each method from a worker thread.
@@ -407,6 +433,108 @@ class Store:
         )
         with cursor:
             return list(cursor)
+
+    # ------------------------------------------------------------------ broker actions
+
+    def add_connection(
+        self, user_id: str, connection_id: str, instance_id: str, now: datetime
+    ) -> None:
+        """Rocket.Chat's connect: push an ``online`` connection to the user's
+        ``usersSessions`` document, creating it if needed.
+
+        Cost: one ``updateOne`` with ``upsert`` on the ``_id`` index.
+        """
+        entry = {
+            "id": connection_id, "instanceId": instance_id, "status": "online",
+            "_createdAt": now, "_updatedAt": now,
+        }
+        self._sessions.update_one(
+            {"_id": user_id}, {"$push": {"connections": entry}}, upsert=True
+        )
+
+    def touch_connection(self, user_id: str, connection_id: str, now: datetime) -> bool:
+        """Rocket.Chat's heartbeat: move the connection's ``_updatedAt`` to ``now``. True
+        when a document changed (False: no such connection, or ``now`` already stored).
+
+        Cost: one ``updateOne`` on the ``_id`` index.
+        """
+        result = self._sessions.update_one(
+            {"_id": user_id, "connections.id": connection_id},
+            {"$set": {"connections.$._updatedAt": now}},
+        )
+        return result.modified_count > 0
+
+    def remove_connection(self, connection_id: str) -> None:
+        """Rocket.Chat's disconnect: pull every entry with this connection id, from
+        whichever document holds it.
+
+        Cost: one ``updateMany`` on Rocket.Chat's ``connections.id`` index.
+        """
+        self._sessions.update_many(
+            {"connections.id": connection_id}, {"$pull": {"connections": {"id": connection_id}}}
+        )
+
+    def set_connection_status(
+        self, user_id: str, connection_id: str, status: str, now: datetime
+    ) -> bool:
+        """Rocket.Chat's away / back online: set the status (and ``_updatedAt``) of every
+        entry with this id in the user's document. True when the document changed.
+
+        Cost: one ``updateOne`` with ``arrayFilters`` on the ``_id`` index.
+        """
+        result = self._sessions.update_one(
+            {"_id": user_id},
+            {"$set": {"connections.$[c].status": status, "connections.$[c]._updatedAt": now}},
+            array_filters=[{"c.id": connection_id}],
+        )
+        return result.modified_count > 0
+
+    def remove_instance_connections(self, instance_id: str) -> list[Any]:
+        """Rocket.Chat's ``removeLostConnections(nodeID)``: pull every connection of the
+        instance; the ids of the users that had one (none when nothing changed).
+
+        Cost: one ``find`` and one ``updateMany``, both on Rocket.Chat's
+        ``connections.instanceId`` index.
+        """
+        query = {"connections.instanceId": instance_id}
+        affected = [doc["_id"] for doc in self._sessions.find(query, {"_id": 1})]
+        if not affected:
+            return []
+        result = self._sessions.update_many(
+            query, {"$pull": {"connections": {"instanceId": instance_id}}}
+        )
+        return affected if result.modified_count else []
+
+    def remove_other_instances_connections(self, live_ids: Sequence[str]) -> list[Any]:
+        """Rocket.Chat's ``removeLostConnections()``: pull every connection whose instance
+        is not one of ``live_ids``; the ids of the users that had one.
+
+        Cost: one ``find`` and one ``updateMany`` over the documents holding such a
+        connection (a collection scan: ``$nin`` cannot use the index).
+        """
+        ids = list(live_ids)
+        query = {"connections": {"$elemMatch": {"instanceId": {"$nin": ids}}}}
+        affected = [doc["_id"] for doc in self._sessions.find(query, {"_id": 1})]
+        if not affected:
+            return []
+        result = self._sessions.update_many(
+            {"_id": {"$in": affected}}, {"$pull": {"connections": {"instanceId": {"$nin": ids}}}}
+        )
+        return affected if result.modified_count else []
+
+    def set_status_default(
+        self, user_id: str, status_default: str, status_text: str | None
+    ) -> bool:
+        """The user's chosen status (and status text, when given): ``$set`` on ``users``,
+        nothing else (presence's own ``status``/``statusConnection`` follow through the
+        engine's conditional write). True when the document changed.
+
+        Cost: one ``updateOne`` on the ``_id`` index.
+        """
+        fields: dict[str, Any] = {"statusDefault": status_default}
+        if status_text is not None:
+            fields["statusText"] = status_text
+        return self._users.update_one({"_id": user_id}, {"$set": fields}).modified_count > 0
 
     # ------------------------------------------------------------------ checkpoints
 

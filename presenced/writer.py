@@ -67,22 +67,25 @@ class Writer:
         self.counts = {"written": 0, "conflicts": 0, "transitions": 0}
 
     # -- loads --------------------------------------------------------------------------
-    async def load(self, user_ids: Iterable[Any], reason: Reason) -> None:
-        """Re-read ``user_ids``, derive, write what changed. A batch whose read fails is
-        kept for ``retry()`` (the failure is logged as an outage)."""
+    async def load(self, user_ids: Iterable[Any], reason: Reason) -> list[Transition]:
+        """Re-read ``user_ids``, derive, write what changed; return the transitions those
+        writes announced. A batch whose read fails is kept for ``retry()`` (the failure is
+        logged as an outage)."""
+        announced: list[Transition] = []
         for chunk in _chunks(list(dict.fromkeys(user_ids))):
             try:
-                await self._load_chunk(chunk, reason)
+                announced += await self._load_chunk(chunk, reason)
             except PyMongoError as exc:
                 self._health.failed("load", exc)
                 self._retry.update(chunk)
+        return announced
 
     async def load_strict(self, user_ids: Sequence[Any], reason: Reason) -> None:
         """As ``load``, but a failed read raises (the caller retries the same batch)."""
         for chunk in _chunks(list(dict.fromkeys(user_ids))):
             await self._load_chunk(chunk, reason)
 
-    async def _load_chunk(self, chunk: list[Any], reason: Reason) -> None:
+    async def _load_chunk(self, chunk: list[Any], reason: Reason) -> list[Transition]:
         store = self._db.store
         async with self._load_lock:
             users = await self._db.read(store.load_users, chunk)
@@ -95,7 +98,7 @@ class Writer:
             ]
         self._report_refused()
         self._on_timers_changed()
-        await self.write(writes)
+        return await self.write(writes)
 
     async def evaluate(self, user_ids: Iterable[Any], reason: Reason) -> None:
         """Re-derive cached users at the clock's now; re-read those not cached."""
@@ -130,15 +133,20 @@ class Writer:
             self._refusals.document(collection, refused.doc_id, refused.reasons, refused.content)
 
     # -- writes -------------------------------------------------------------------------
-    async def write(self, writes: Sequence[PlannedWrite]) -> None:
-        """Write in batches, concurrently (the store's write limiter bounds how many)."""
+    async def write(self, writes: Sequence[PlannedWrite]) -> list[Transition]:
+        """Write in batches, concurrently (the store's write limiter bounds how many);
+        return the transitions announced."""
+        announced: list[Transition] = []
         if not writes:
-            return
+            return announced
         async with trio.open_nursery() as nursery:
             for start in range(0, len(writes), BATCH):
-                nursery.start_soon(self._write_batch, writes[start : start + BATCH])
+                nursery.start_soon(self._write_batch, writes[start : start + BATCH], announced)
+        return announced
 
-    async def _write_batch(self, writes: Sequence[PlannedWrite]) -> None:
+    async def _write_batch(
+        self, writes: Sequence[PlannedWrite], announced: list[Transition]
+    ) -> None:
         request = [
             StatusWrite(
                 w.user_id, w.presence.status.value, w.presence.status_connection.value,
@@ -167,6 +175,7 @@ class Writer:
             self._metrics.writes.labels("written").inc()
             transition = self._engine.confirm(by_id[uid], now)
             if transition is not None:
+                announced.append(transition)
                 self._transition(transition)
         if outcome.conflicts:
             self.counts["conflicts"] += len(outcome.conflicts)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter, deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -213,6 +213,77 @@ class MemoryStore:
     def drop_sessions(self) -> None:
         self.sessions.clear()
         self.feed.emit(ResyncAll("drop"))
+
+    # -- the ActionStore interface (the broker's presence actions) ------------------------
+    def add_connection(
+        self, user_id: str, connection_id: str, instance_id: str, now: datetime
+    ) -> None:
+        self._call("add_connection")
+        self.connect(user_id, connection_id, instance_id, to_ms(now))
+
+    def touch_connection(self, user_id: str, connection_id: str, now: datetime) -> bool:
+        self._call("touch_connection")
+        for entry in self.sessions.get(user_id, {}).get("connections") or []:
+            if entry.get("id") == connection_id:
+                changed: bool = entry.get("_updatedAt") != now.replace(tzinfo=None)
+                entry["_updatedAt"] = now.replace(tzinfo=None)
+                self.feed.emit(SessionsChanged(user_id))
+                return changed
+        return False
+
+    def remove_connection(self, connection_id: str) -> None:
+        self._call("remove_connection")
+        self.disconnect(connection_id)
+
+    def set_connection_status(
+        self, user_id: str, connection_id: str, status: str, now: datetime
+    ) -> bool:
+        self._call("set_connection_status")
+        changed = False
+        for entry in self.sessions.get(user_id, {}).get("connections") or []:
+            if entry.get("id") == connection_id:
+                changed = changed or entry.get("status") != status
+                entry["status"] = status
+                entry["_updatedAt"] = now.replace(tzinfo=None)
+                changed = True
+        if changed:
+            self.feed.emit(SessionsChanged(user_id))
+        return changed
+
+    def _pull_instances(self, lost: Callable[[object], bool]) -> list[Any]:
+        affected = []
+        for uid, doc in self.sessions.items():
+            before = doc.get("connections") or []
+            after = [c for c in before if not lost(c.get("instanceId"))]
+            if len(after) != len(before):
+                doc["connections"] = after
+                affected.append(uid)
+                self.feed.emit(SessionsChanged(uid))
+        return affected
+
+    def remove_instance_connections(self, instance_id: str) -> list[Any]:
+        self._call("remove_instance_connections")
+        return self._pull_instances(lambda iid: iid == instance_id)
+
+    def remove_other_instances_connections(self, live_ids: Sequence[str]) -> list[Any]:
+        self._call("remove_other_instances_connections")
+        live = set(live_ids)
+        return self._pull_instances(lambda iid: iid not in live)
+
+    def set_status_default(
+        self, user_id: str, status_default: str, status_text: str | None
+    ) -> bool:
+        self._call("set_status_default")
+        doc = self.users.get(user_id)
+        if doc is None:
+            return False
+        fields: Document = {"statusDefault": status_default}
+        if status_text is not None:
+            fields["statusText"] = status_text
+        changed = any(doc.get(k, ABSENT) != v for k, v in fields.items())
+        if changed:
+            self.set_user_fields(user_id, **fields)
+        return changed
 
     # -- what presenced reads back -------------------------------------------------------
     def presence(self, user_id: Any) -> tuple[Any, Any]:

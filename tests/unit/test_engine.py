@@ -188,7 +188,8 @@ def test_no_sessions_document_means_no_connections_and_no_timer() -> None:
 
 def test_confirm_returns_the_transition_from_stored_to_written() -> None:
     e = engine()
-    write = e.load("u1", user_doc(), sessions("u1", conn(status="away")), NOW, CONNECTIONS)
+    doc = user_doc(statusText="lunch", roles=["user", "bot"])
+    write = e.load("u1", doc, sessions("u1", conn(status="away")), NOW, CONNECTIONS)
     assert write is not None
     assert e.confirm(write, NOW) == Transition(
         user_id="u1",
@@ -196,8 +197,44 @@ def test_confirm_returns_the_transition_from_stored_to_written() -> None:
         previous=OFFLINE_PRESENCE,
         current=Presence(AWAY, AWAY),
         reason=CONNECTIONS,
+        previous_status="offline",
+        status_text="lunch",
+        roles=["user", "bot"],
     )
     assert e.stats().transitions == {"connections": 1}
+
+
+def test_a_transition_carries_missing_payload_fields_as_absent() -> None:
+    e = engine()
+    doc = {"_id": "u1", "username": "name-u1"}
+    write = e.load("u1", doc, sessions("u1", conn()), NOW, CONNECTIONS)
+    assert write is not None
+    t = e.confirm(write, NOW)
+    assert t is not None
+    assert t.previous is None
+    assert t.previous_status is ABSENT and t.status_text is ABSENT and t.roles is ABSENT
+
+
+def test_connections_are_counted_with_their_peak_and_the_peak_resets() -> None:
+    e = engine()
+    e.load("u1", user_doc("u1"), sessions("u1", conn("c1"), conn("c2")), NOW, CONNECTIONS)
+    e.load("u2", user_doc("u2"), sessions("u2", conn("c3")), NOW, CONNECTIONS)
+    assert (e.stats().connections, e.stats().peak_connections) == (3, 3)
+    e.load("u1", user_doc("u1"), sessions("u1"), NOW, CONNECTIONS)
+    assert (e.stats().connections, e.stats().peak_connections) == (1, 3)
+    e.forget("u2")
+    assert (e.stats().connections, e.stats().peak_connections) == (0, 3)
+    e.reset_peak()
+    assert e.stats().peak_connections == 0
+
+
+def test_with_unlisted_instances_alive_only_a_timed_out_listed_instance_is_dead() -> None:
+    e = Engine(ttl_ms=TTL, instance_timeout_ms=60_000, unlisted_instances_dead=False)
+    e.set_instances({"listed": NOW - 61_000}, NOW)
+    e.load("u1", user_doc("u1"), sessions("u1", conn("c1", instance="ddp-node")), NOW, RECONCILE)
+    e.load("u2", user_doc("u2"), sessions("u2", conn("c2", instance="listed")), NOW, RECONCILE)
+    assert e.presence("u1") == Presence(ONLINE, ONLINE)
+    assert e.presence("u2") == OFFLINE_PRESENCE
 
 
 def test_confirming_the_same_write_twice_announces_one_transition() -> None:

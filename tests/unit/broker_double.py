@@ -1,0 +1,90 @@
+"""A NATS link double for broker tests: packets in and out, no server.
+
+Not a test module. :class:`FakeLink` is what :class:`~presenced.broker.node.BrokerNode`
+sees as its NATS connection; a test plays the other nodes by ``send``-ing packets to it
+and reads what the node published from ``published``. Packets are encoded and decoded
+with the real serializer, so what crosses is what would cross NATS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from presenced.broker.serializer import EjsonSerializer
+
+
+class FakeLink:
+    def __init__(
+        self, url: str, name: str, on_state: Callable[[str], None],
+        on_error: Callable[[str], None], *, connect: bool = True,
+    ) -> None:
+        self.url, self.name = url, name
+        self.on_state = on_state
+        self._send, self.incoming = trio.open_memory_channel[tuple[str, bytes]](1000)
+        self.serializer = EjsonSerializer()
+        self.subjects: list[str] = []
+        self.published: list[tuple[str, dict[str, Any]]] = []
+        self.connected = False
+        self.closed = False
+        self._may_connect = trio.Event()
+        if connect:
+            self._may_connect.set()
+
+    # -- the Link interface -------------------------------------------------------------
+    async def connect(self) -> None:
+        await self._may_connect.wait()
+        self.connected = True
+        self.on_state("connected")
+
+    async def subscribe(self, *subjects: str) -> None:
+        self.subjects.extend(subjects)
+
+    def publish(self, subject: str, data: bytes) -> bool:
+        if not self.connected:
+            return False
+        self.published.append((subject, self.serializer.decode(data)))
+        return True
+
+    async def close(self) -> None:
+        self.closed = True
+
+    # -- the test's side ----------------------------------------------------------------
+    def allow_connect(self) -> None:
+        self._may_connect.set()
+
+    def drop(self) -> None:
+        self.connected = False
+        self.on_state("disconnected")
+
+    def restore(self) -> None:
+        self.connected = True
+        self.on_state("reconnected")
+
+    def send(self, subject: str, packet: dict[str, Any] | bytes) -> None:
+        data = packet if isinstance(packet, bytes) else self.serializer.encode(packet)
+        self._send.send_nowait((subject, data))
+
+    def sent(self, subject_prefix: str) -> list[dict[str, Any]]:
+        return [p for s, p in self.published if s == subject_prefix]
+
+    def take(self) -> list[tuple[str, dict[str, Any]]]:
+        published, self.published = self.published, []
+        return published
+
+
+class LinkMaker:
+    """A link factory for the node that keeps the link it made."""
+
+    def __init__(self, *, connect: bool = True) -> None:
+        self.link: FakeLink | None = None
+        self._connect = connect
+
+    def __call__(
+        self, url: str, name: str, on_state: Callable[[str], None],
+        on_error: Callable[[str], None],
+    ) -> FakeLink:
+        self.link = FakeLink(url, name, on_state, on_error, connect=self._connect)
+        return self.link
