@@ -79,9 +79,11 @@ def test_a_node_killed_with_sigkill_goes_unavailable_after_the_heartbeat_timeout
         b.wait_until(lambda: available(b, "a") is True, timeout=10)
         a.kill()
         # Moleculer checks every heartbeatTimeout seconds for nodes silent for longer than
-        # that (whole seconds of uptime): unavailable within about twice the timeout.
+        # that (whole seconds of uptime): unavailable within about twice the timeout. No
+        # DISCONNECT was sent, so it is not immediate: the last heartbeat came at most
+        # 1.5 s (interval + jitter) before the kill, and silence must pass ~3 s.
         took = b.wait_until(lambda: available(b, "a") is False, timeout=4 * HEARTBEAT_TIMEOUT)
-        assert took >= HEARTBEAT_TIMEOUT - 1
+        assert took >= 1.0
         node = b.node("a")
         assert node is not None and node["available"] is False
         with pytest.raises(PeerError) as caught:
