@@ -58,6 +58,7 @@ from presenced.metrics import Metrics
 from presenced.notify import Notifier
 from presenced.presence import Collections
 from presenced.reconcile import Reconciler
+from presenced.rocketchat import RocketChat
 from presenced.store import PresenceStore
 from presenced.writer import Writer
 
@@ -216,6 +217,11 @@ class Daemon:
                 logger.info("health checks on port {}", s.health_check_port)
             if handle_signals:
                 outer.start_soon(self._watch_signals)
+            rest = RocketChat.from_settings(s, self.clock)
+            if rest is not None:
+                # Never blocks presence: a background check, shown in /ready.
+                self.health.details["rocketchat"] = rest.details
+                outer.start_soon(rest.run)
             backend: Backend | None = None
             try:
                 # A stop() that came before this point cancels the scope as it is entered.

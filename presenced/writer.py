@@ -63,6 +63,9 @@ class Writer:
         # older read is never applied after a newer one.
         self._load_lock = trio.Lock()
         self._retry: set[Any] = set()
+        # Users whose write was confirmed while a read was under way: what that read
+        # returned for them may predate the write, so they are read again.
+        self._confirmed_during_read: set[Any] | None = None
         self.pending_writes = 0
         self.counts = {"written": 0, "conflicts": 0, "transitions": 0}
 
@@ -86,10 +89,21 @@ class Writer:
             await self._load_chunk(chunk, reason)
 
     async def _load_chunk(self, chunk: list[Any], reason: Reason) -> list[Transition]:
-        store = self._db.store
         async with self._load_lock:
-            users = await self._db.read(store.load_users, chunk)
-            sessions = await self._db.read(store.load_sessions, chunk)
+            users, sessions, stale = await self._read(chunk)
+            for _ in range(3):
+                # A write confirmed while the read was under way: what was read for its
+                # user may predate it (a stale pair would plan a second write of the same
+                # change, and announce it twice). Read those users again.
+                if not stale:
+                    break
+                again_users, again_sessions, again_stale = await self._read(list(stale))
+                for uid in stale:
+                    users.pop(uid, None)
+                    sessions.pop(uid, None)
+                users.update(again_users)
+                sessions.update(again_sessions)
+                stale = again_stale
             self._health.succeeded()
             now = self._clock.now_ms()
             writes = [
@@ -99,6 +113,20 @@ class Writer:
         self._report_refused()
         self._on_timers_changed()
         return await self.write(writes)
+
+    async def _read(
+        self, ids: list[Any]
+    ) -> tuple[dict[Any, Any], dict[Any, Any], set[Any]]:
+        """The users' documents, and which of them had a write confirmed meanwhile."""
+        store = self._db.store
+        confirmed: set[Any] = set()
+        self._confirmed_during_read = confirmed
+        try:
+            users = await self._db.read(store.load_users, ids)
+            sessions = await self._db.read(store.load_sessions, ids)
+        finally:
+            self._confirmed_during_read = None
+        return users, sessions, confirmed.intersection(ids)
 
     async def evaluate(self, user_ids: Iterable[Any], reason: Reason) -> None:
         """Re-derive cached users at the clock's now; re-read those not cached."""
@@ -173,6 +201,8 @@ class Writer:
         for uid in outcome.written:
             self.counts["written"] += 1
             self._metrics.writes.labels("written").inc()
+            if self._confirmed_during_read is not None:
+                self._confirmed_during_read.add(uid)
             transition = self._engine.confirm(by_id[uid], now)
             if transition is not None:
                 announced.append(transition)

@@ -209,7 +209,6 @@ class BrokerNode:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._warn_if_slow_to_connect)
                 await link.connect()
                 await link.subscribe(*self._subjects())
                 self._announce()
@@ -229,16 +228,6 @@ class BrokerNode:
             subject(p, PacketType.HEARTBEAT), subject(p, PacketType.PING),
             subject(p, PacketType.PING, me), subject(p, PacketType.PONG, me),
         ]
-
-    async def _warn_if_slow_to_connect(self) -> None:
-        await self._clock.sleep(5)
-        if not self._ever_connected and not self._outage_logged:
-            self._outage_logged = True
-            logger.warning(
-                "service broker unreachable at {}: presence runs without it (no"
-                " presence.status events, no presence actions); retrying every few seconds",
-                self.config.shown_url,
-            )
 
     def _announce(self) -> None:
         self._send(PacketType.DISCOVER, {}, None)
@@ -290,7 +279,15 @@ class BrokerNode:
                 )
 
     def _on_link_error(self, text: str) -> None:
-        logger.debug("NATS: {}", text)
+        if not self._ever_connected and not self._outage_logged:
+            self._outage_logged = True
+            logger.warning(
+                "service broker unreachable at {} ({}): presence runs without it (no"
+                " presence.status events, no presence actions); retrying every few seconds",
+                self.config.shown_url, text,
+            )
+        else:
+            logger.debug("NATS: {}", text)
 
     async def _heartbeats(self) -> None:
         """HEARTBEAT every interval; nodes silent past the timeout are lost."""

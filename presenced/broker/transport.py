@@ -204,6 +204,12 @@ class NatsLink:
                 with contextlib.suppress(Exception):  # closing anyway
                     await nc.flush(timeout=1)
             await nc.close()
+        # Nothing may be left pending when the loop stops (no "Task was destroyed").
+        current = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not current]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
 
 async def _as_coroutine(fn: Callable[..., Awaitable[T]], *args: Any) -> T:

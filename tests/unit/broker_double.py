@@ -23,6 +23,7 @@ class FakeLink:
     ) -> None:
         self.url, self.name = url, name
         self.on_state = on_state
+        self.on_error = on_error
         self._send, self.incoming = trio.open_memory_channel[tuple[str, bytes]](1000)
         self.serializer = EjsonSerializer()
         self.subjects: list[str] = []
@@ -35,7 +36,10 @@ class FakeLink:
 
     # -- the Link interface -------------------------------------------------------------
     async def connect(self) -> None:
-        await self._may_connect.wait()
+        while not self._may_connect.is_set():  # as nats-py: an error per attempt, every 2 s
+            self.on_error("ConnectionRefusedError: [Errno 111] Connect call failed")
+            with trio.move_on_after(2):
+                await self._may_connect.wait()
         self.connected = True
         self.on_state("connected")
 
