@@ -23,6 +23,7 @@ from presenced.config import load_settings
 from presenced.daemon import Backend, Daemon
 from presenced.engine import Transition
 from presenced.testing.memory import MemoryFeed, MemoryStore
+from tests.unit.broker_double import LinkMaker
 
 T = TypeVar("T")
 
@@ -45,10 +46,15 @@ class Env:
         self.logs: list[tuple[str, str]] = []
         self.delays: dict[str, float] = {}
         """Store methods by name that take this many seconds (a slow or hung MongoDB)."""
+        self.late: dict[str, float] = {}
+        """Store methods by name whose answer arrives this many seconds after MongoDB
+        answered (what they read is as old as the call, not as the answer)."""
+        self.broker = LinkMaker()
+        """The broker's NATS link double (used when TRANSPORTER is set)."""
         self.daemon = Daemon(
             self.settings, backend=lambda s, c: Backend(self.store, self.feed),
             clock=self.clock, run_sync=self._run_sync, on_transition=self.transitions.append,
-            serve=False,
+            serve=False, broker_link=self.broker,
         )
         self.ttl_ms = self.settings.cache_ttl * 1000
         self.timeout_ms = self.settings.instance_timeout * 1000
@@ -63,7 +69,12 @@ class Env:
         if delay:
             with trio.CancelScope(shield=not abandon):
                 await trio.sleep(delay)
-        return await inline(fn, limiter=limiter, abandon=abandon)
+        result = await inline(fn, limiter=limiter, abandon=abandon)
+        late = self.late.get(name, 0.0)
+        if late:
+            with trio.CancelScope(shield=not abandon):
+                await trio.sleep(late)
+        return result
 
     # -- time ---------------------------------------------------------------------------
     def now(self) -> int:
