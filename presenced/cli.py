@@ -65,7 +65,9 @@ def _settings(command: str) -> Settings:
 
 
 def check(timeout_ms: int = 5000) -> int:
-    """Print the effective settings (secrets masked), then test the MongoDB connection."""
+    """Print the effective settings (secrets masked), then test the connections: MongoDB,
+    the service broker (TRANSPORTER) and Rocket.Chat's REST API (ROCKETCHAT_URL) when set.
+    Exit 0 when every one checked works."""
     try:
         settings = _settings("check")
     except SettingsError as exc:
@@ -75,9 +77,18 @@ def check(timeout_ms: int = 5000) -> int:
     print(f"presenced {__version__}")
     for name, value in settings.describe():
         print(f"  {name.ljust(width)}  {value}")
+    ok = _check_mongo(settings, timeout_ms)
+    if settings.transporter is not None:
+        ok = _check_broker(settings, timeout_ms) and ok
+    if settings.rocketchat_url is not None:
+        ok = _check_rocketchat(settings) and ok
+    return EX_OK if ok else EX_FAIL
+
+
+def _check_mongo(settings: Settings, timeout_ms: int) -> bool:
     if settings.mongo_url is None:
         print("MongoDB: not checked (MONGO_URL is not set)")
-        return EX_FAIL
+        return False
     from pymongo import MongoClient
     from pymongo.errors import PyMongoError
 
@@ -92,12 +103,72 @@ def check(timeout_ms: int = 5000) -> int:
             f"MongoDB: ok, version {version}, "
             + (f"replica set {replica_set}" if replica_set else "NOT a replica-set member")
         )
-        return EX_OK if replica_set else EX_FAIL
+        return bool(replica_set)
     except PyMongoError as exc:
         _err(f"MongoDB: unreachable: {redact(str(exc), settings.secrets())}")
-        return EX_FAIL
+        return False
     finally:
         client.close()
+
+
+def _check_broker(settings: Settings, timeout_ms: int) -> bool:
+    """Reach the broker's NATS, list the Moleculer nodes that answer a DISCOVER, and say
+    whether another node already offers the ``presence`` service."""
+    import trio
+
+    from presenced.broker.node import BrokerConfig
+    from presenced.broker.probe import probe
+    from presenced.log import mask_url
+
+    assert settings.transporter is not None
+    shown = mask_url(settings.transporter)
+    config = BrokerConfig(
+        url=settings.transporter, node_id=settings.instance_id,
+        namespace=settings.ms_namespace, serializer=settings.serializer, shown_url=shown,
+    )
+    report = trio.run(lambda: probe(config, timeout_s=timeout_ms / 1000))
+    if not report.reachable:
+        _err(redact(f"broker: unreachable at {shown}: {report.error}", settings.secrets()))
+        return False
+    nodes = ", ".join(
+        f"{node} ({', '.join(services) or 'no services'})"
+        for node, services in sorted(report.nodes.items())
+    )
+    print(f"broker: ok, NATS at {shown}; {len(report.nodes)} Moleculer node(s) answered"
+          + (f": {nodes}" if nodes else ""))
+    others = report.presence_nodes(settings.instance_id)
+    if others:
+        _err(f"broker: node(s) {', '.join(others)} already offer the presence service: stop"
+             " Rocket.Chat's presence-service (presenced replaces it), or give this presenced"
+             " an INSTANCE_ID of its own; two presence services would both answer")
+        return False
+    return True
+
+
+def _check_rocketchat(settings: Settings) -> bool:
+    import trio
+
+    from presenced.clock import Clock
+    from presenced.rocketchat import RocketChat
+
+    rest = RocketChat.from_settings(settings, Clock())
+    assert rest is not None
+    report = trio.run(rest.check)
+    details = rest.details()
+    if report.problems:
+        _err("Rocket.Chat: " + "; ".join(report.problems))
+        return False
+    supported = details.get("supported")
+    shown_version = f"version {report.version}"
+    if report.version_ok is False:
+        shown_version += f" (outside the versions presenced supports: {supported})"
+    elif report.version_ok is None:
+        shown_version += f" (unreadable; presenced supports {supported})"
+    parts = [shown_version]
+    if report.logged_in:
+        parts.append("logged in" + ("" if report.admin else " (the user lacks the admin role)"))
+    print(f"Rocket.Chat: ok at {details['url']}, " + ", ".join(parts))
+    return True
 
 
 def run() -> int:

@@ -356,6 +356,9 @@ class Settings:
                 found += [password, unquote(password)]
         if self.rocketchat_password:
             found.append(self.rocketchat_password)
+        token = _nats_token(self.transporter) if self.transporter else None
+        if token:
+            found += [token, unquote(token)]
         return list(dict.fromkeys(found))
 
     def describe(self) -> list[tuple[str, str]]:
@@ -831,6 +834,14 @@ def _url_password(url: str) -> str | None:
     if not at or ":" not in userinfo:
         return None
     return userinfo.partition(":")[2] or None
+
+
+def _nats_token(url: str) -> str | None:
+    """The token of a ``nats://<token>@host`` URL (user info without a password)."""
+    _, separator, rest = url.partition("://")
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    userinfo, at, _ = authority.rpartition("@")
+    return userinfo if separator and at and userinfo and ":" not in userinfo else None
 
 
 def _masked_broken_url(url: str) -> str:

@@ -49,9 +49,14 @@ MIN_SECRET_LENGTH: Final = 4
 # unescaped "@" is masked whole. It cannot cross "/", "?", "#" or whitespace, which keeps a
 # "@" in a query string or in the text after the URL from widening the match.
 _URL_PASSWORD: Final = re.compile(
-    r"(?P<prefix>(?:mongodb(?:\+srv)?|https?)://[^\s:/?#]*:)(?P<password>[^\s/?#]+)(?=@)",
+    r"(?P<prefix>(?:mongodb(?:\+srv)?|https?|nats|tls)://[^\s:/?#]*:)(?P<password>[^\s/?#]+)(?=@)",
     re.IGNORECASE,
 )
+
+_NATS_TOKEN: Final = re.compile(
+    r"(?P<prefix>(?:nats|tls)://)(?P<token>[^\s:/?#@*]+)@", re.IGNORECASE
+)
+"""A NATS URL's token (``nats://<token>@host``): user info with no password part."""
 
 _LEVELS: Final = {
     "debug": "DEBUG",
@@ -70,9 +75,11 @@ _handler_id: int | None = None
 
 
 def mask_url(url: str) -> str:
-    """Replace the password of every mongodb://, mongodb+srv://, http:// and https:// URL in
-    ``url`` (a URL or any text containing URLs) with ``****``; everything else is kept."""
-    return _URL_PASSWORD.sub(lambda m: m.group("prefix") + MASK, url)
+    """Replace the password of every mongodb://, mongodb+srv://, http://, https://, nats://
+    and tls:// URL in ``url`` (a URL or any text containing URLs), and the token of a
+    ``nats://<token>@host`` URL, with ``****``; everything else is kept."""
+    masked = _URL_PASSWORD.sub(lambda m: m.group("prefix") + MASK, url)
+    return _NATS_TOKEN.sub(lambda m: m.group("prefix") + MASK + "@", masked)
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:

@@ -483,7 +483,10 @@ class Store:
         Cost: one ``updateOne`` with ``arrayFilters`` on the ``_id`` index.
         """
         result = self._sessions.update_one(
-            {"_id": user_id},
+            # As Rocket.Chat's updateConnectionStatusById: with "connections.id" in the
+            # filter, a document without `connections` matches nothing (arrayFilters on a
+            # missing array would be an error).
+            {"_id": user_id, "connections.id": connection_id},
             {"$set": {"connections.$[c].status": status, "connections.$[c]._updatedAt": now}},
             array_filters=[{"c.id": connection_id}],
         )

@@ -223,11 +223,13 @@ class MemoryStore:
 
     def touch_connection(self, user_id: str, connection_id: str, now: datetime) -> bool:
         self._call("touch_connection")
+        stored = from_ms(to_ms(now))  # as BSON stores it: UTC, whole milliseconds
         for entry in self.sessions.get(user_id, {}).get("connections") or []:
             if entry.get("id") == connection_id:
-                changed: bool = entry.get("_updatedAt") != now.replace(tzinfo=None)
-                entry["_updatedAt"] = now.replace(tzinfo=None)
-                self.feed.emit(SessionsChanged(user_id))
+                changed = not _same_instant(entry.get("_updatedAt"), stored)
+                entry["_updatedAt"] = stored
+                if changed:
+                    self.feed.emit(SessionsChanged(user_id))
                 return changed
         return False
 
@@ -239,13 +241,15 @@ class MemoryStore:
         self, user_id: str, connection_id: str, status: str, now: datetime
     ) -> bool:
         self._call("set_connection_status")
+        stored = from_ms(to_ms(now))
         changed = False
         for entry in self.sessions.get(user_id, {}).get("connections") or []:
             if entry.get("id") == connection_id:
-                changed = changed or entry.get("status") != status
+                changed = changed or entry.get("status") != status or not _same_instant(
+                    entry.get("_updatedAt"), stored
+                )
                 entry["status"] = status
-                entry["_updatedAt"] = now.replace(tzinfo=None)
-                changed = True
+                entry["_updatedAt"] = stored
         if changed:
             self.feed.emit(SessionsChanged(user_id))
         return changed
@@ -407,6 +411,11 @@ class MemoryStore:
     def save_checkpoint(self, name: str, position: Any) -> None:
         self._call("save_checkpoint")
         self.checkpoints[name] = {"_id": name, "position": position}
+
+
+def _same_instant(stored: object, when: datetime) -> bool:
+    """A stored date (naive is UTC, as pymongo reads BSON) is ``when`` to the millisecond."""
+    return isinstance(stored, datetime) and to_ms(stored) == to_ms(when)
 
 
 def _matches(doc: Document, field: str, expected: object) -> bool:

@@ -12,6 +12,7 @@ from pymongo.database import Database
 from presenced.presence import Collections
 
 from .feed_support import Doc
+from .rocketchat_double import RocketChatDouble, serve_rocketchat
 
 
 @pytest.fixture
@@ -37,3 +38,10 @@ def own_emulator() -> Iterator[Callable[..., tuple[Any, MongoClient[Doc]]]]:
     for emu, c in made:
         c.close()
         emu.close()
+
+
+@pytest.fixture
+def rocketchat() -> Iterator[RocketChatDouble]:
+    """A Rocket.Chat double answering its REST API on 127.0.0.1 (``.url``)."""
+    with serve_rocketchat() as double:
+        yield double

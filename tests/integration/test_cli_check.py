@@ -1,4 +1,5 @@
-"""`presenced check`: prints the effective settings with secrets masked, tests MongoDB."""
+"""`presenced check`: prints the effective settings with secrets masked, tests MongoDB and
+Rocket.Chat's REST API (the broker's check is in tests/interop/test_check_broker.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+
+from .rocketchat_double import RocketChatDouble
 
 SECRET = "s3cr3t-Pa55word"
 
@@ -118,3 +121,39 @@ def test_simulate_refuses_a_url_without_a_database(mongo_url: str, tmp_path: Pat
     )
     assert done.returncode == 78
     assert "must name the database" in done.stderr
+
+
+# -- Rocket.Chat's REST API (ROCKETCHAT_URL) ---------------------------------------------------
+
+
+def test_check_reports_rocketchats_version_and_login(
+    mongo_url: str, tmp_path: Path, rocketchat: RocketChatDouble
+) -> None:
+    env = {"MONGO_URL": with_database(mongo_url, "rocketchat"),
+           "ROCKETCHAT_URL": rocketchat.url, "ROCKETCHAT_USERNAME": "presence-bot",
+           "ROCKETCHAT_PASSWORD": rocketchat.password}
+    done = run_check(env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"Rocket.Chat: ok at {rocketchat.url}, version 7.5, logged in" in done.stdout
+    assert rocketchat.logins == 1 and rocketchat.me_calls == 1
+    assert rocketchat.password not in done.stdout + done.stderr
+
+
+def test_check_says_what_is_wrong_with_rocketchat_and_exits_1(
+    mongo_url: str, tmp_path: Path, rocketchat: RocketChatDouble
+) -> None:
+    rocketchat.roles = ["user"]
+    rocketchat.version = "8.1.0"
+    env = {"MONGO_URL": with_database(mongo_url, "rocketchat"),
+           "ROCKETCHAT_URL": rocketchat.url, "ROCKETCHAT_USERNAME": "presence-bot",
+           "ROCKETCHAT_PASSWORD": "wrong-" + rocketchat.password}
+    done = run_check(env, tmp_path)
+    assert done.returncode == 1
+    assert "refused the login of user 'presence-bot'" in done.stderr
+    assert "wrong-" not in done.stdout + done.stderr
+    rocketchat.raw.clear()
+    env["ROCKETCHAT_PASSWORD"] = rocketchat.password
+    done = run_check(env, tmp_path)
+    assert done.returncode == 0
+    assert "version 8.1 (outside the versions presenced supports" in done.stdout
+    assert "logged in (the user lacks the admin role)" in done.stdout

@@ -28,7 +28,6 @@ import pytest
 from pymongo import MongoClient
 from pymongo.collection import Collection as MongoCollection
 from pymongo.database import Database
-from pymongo.errors import OperationFailure
 
 from presenced.presence import Collections, to_ms
 from presenced.store import ActionStore, Store
@@ -320,19 +319,6 @@ def test_set_connection_status_is_true_only_when_the_document_changes(
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OperationFailure,
-    reason=(
-        "Store.set_connection_status filters on _id alone (as the design doc's "
-        "updateOne({_id: uid}, ...) says), so on a usersSessions document without "
-        "`connections` MongoDB refuses the arrayFilters update (BadValue, code 2: \"The "
-        "path 'connections' must exist in the document in order to apply array "
-        "updates.\") and the store raises. Rocket.Chat's UsersSessions."
-        "updateConnectionStatusById filters on {_id, 'connections.id': cid}: no match, "
-        "modifiedCount 0, false. The contract allows `connections` to be missing."
-    ),
-)
 def test_set_connection_status_on_a_document_without_connections_is_false(
     store: Store, sessions: MongoCollection[Doc]
 ) -> None:
@@ -734,55 +720,23 @@ def scenario_set_status_default(world: World) -> Transcript:
     return t
 
 
-def _drift(reason: str) -> Any:
-    return pytest.mark.xfail(strict=True, reason=f"MemoryStore drifts: {reason}")
-
-
 SCENARIOS = [
     pytest.param(scenario_add, id="add_connection"),
     pytest.param(scenario_touch, id="touch_connection"),
-    pytest.param(scenario_touch_at_the_time_of_add, id="touch_connection-at-add-time", marks=_drift(
-        "touch_connection right after add_connection with the same `now` answers True "
-        "(MongoDB: False, modified 0). MemoryStore.connect stores from_ms(...), an aware "
-        "datetime, and touch_connection compares it with now.replace(tzinfo=None), a "
-        "naive one: aware != naive is always True."
-    )),
-    pytest.param(scenario_touch_within_the_same_ms, id="touch_connection-same-ms", marks=_drift(
-        "touch_connection with a `now` in the millisecond already stored answers True "
-        "(MongoDB: False; pymongo encodes milliseconds, so $set writes the same value) "
-        "and keeps the microseconds: it compares and stores now.replace(tzinfo=None) "
-        "without truncating to the millisecond."
-    )),
-    pytest.param(scenario_touch_aware_not_utc, id="touch_connection-aware", marks=_drift(
-        "touch_connection with an aware `now` that is not UTC stores its wall time "
-        "(now.replace(tzinfo=None) drops the offset); pymongo converts it to UTC."
-    )),
+    pytest.param(scenario_touch_at_the_time_of_add, id="touch_connection-at-add-time"),
+    pytest.param(scenario_touch_within_the_same_ms, id="touch_connection-same-ms"),
+    pytest.param(scenario_touch_aware_not_utc, id="touch_connection-aware"),
     pytest.param(scenario_remove_connection, id="remove_connection"),
     pytest.param(scenario_set_connection_status, id="set_connection_status"),
     pytest.param(
         scenario_set_connection_status_unchanged, id="set_connection_status-unchanged",
-        marks=_drift(
-            "set_connection_status answers True whenever an entry has the id "
-            "(`changed = True` unconditionally), also when status and _updatedAt already "
-            "hold the values; MongoDB: modified 0, False."
-        ),
     ),
     pytest.param(
         scenario_set_connection_status_without_connections,
         id="set_connection_status-no-connections-field",
-        marks=pytest.mark.xfail(strict=True, reason=(
-            "The Store is the one off here: on a document without `connections`, "
-            "Store.set_connection_status raises OperationFailure (BadValue: arrayFilters "
-            "need the path to exist; its filter is {_id} alone) where MemoryStore answers "
-            "False, as Rocket.Chat does (its filter also has 'connections.id')."
-        )),
     ),
     pytest.param(
         scenario_set_connection_status_aware_not_utc, id="set_connection_status-aware",
-        marks=_drift(
-            "set_connection_status with an aware `now` that is not UTC stores its wall "
-            "time (now.replace(tzinfo=None)); pymongo converts it to UTC."
-        ),
     ),
     pytest.param(scenario_remove_instance_connections, id="remove_instance_connections"),
     pytest.param(

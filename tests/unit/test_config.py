@@ -572,3 +572,57 @@ def test_env_file_that_is_not_utf8_is_reported(tmp_path: Path) -> None:
         f'the settings file "{env_file}" cannot be read (not UTF-8 text);'
         " make it a readable UTF-8 file or remove it"
     )
+
+
+# -- the service broker -------------------------------------------------------------------
+
+
+def test_broker_settings_default_to_rocketchats() -> None:
+    s = load({})
+    assert s.transporter is None
+    assert (s.ms_namespace, s.serializer) == ("", "EJSON")
+    assert (s.heartbeat_interval, s.heartbeat_timeout) == (10, 30)
+
+
+def test_broker_settings_are_read() -> None:
+    s = load({"TRANSPORTER": "nats://nats:4222", "MS_NAMESPACE": "rc7", "SERIALIZER": "json",
+              "HEARTBEAT_INTERVAL": "5", "HEARTBEAT_TIMEOUT": "15"})
+    assert (s.transporter, s.ms_namespace, s.serializer) == ("nats://nats:4222", "rc7", "JSON")
+    assert (s.heartbeat_interval, s.heartbeat_timeout) == (5, 15)
+
+
+def test_a_transporter_token_or_password_is_a_secret_and_masked() -> None:
+    for url, secret in (("nats://presenced:pa55-nats@nats:4222", "pa55-nats"),
+                        ("nats://t0ken-nats@nats:4222", "t0ken-nats")):
+        s = load({"TRANSPORTER": url})
+        assert secret in s.secrets()
+        assert secret not in repr(s)
+        assert dict(s.describe())["TRANSPORTER"].endswith("****@nats:4222")
+
+
+def test_transporter_may_come_from_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "transporter"
+    path.write_text("nats://u:p4ss@nats:4222\n")
+    assert load({"TRANSPORTER_FILE": str(path)}).transporter == "nats://u:p4ss@nats:4222"
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"TRANSPORTER": "redis://r:6379"}, "TRANSPORTER=\"redis://r:6379\" is not a NATS URL"),
+        ({"TRANSPORTER": "nats://"}, "is not a NATS URL"),
+        ({"MS_NAMESPACE": "a.b"}, "MS_NAMESPACE=\"a.b\" is not a usable broker namespace"),
+        ({"SERIALIZER": "msgpack"}, "SERIALIZER=\"msgpack\" is not a serializer"),
+        ({"HEARTBEAT_INTERVAL": "0"}, "HEARTBEAT_INTERVAL=\"0\" is out of range"),
+        ({"HEARTBEAT_INTERVAL": "10", "HEARTBEAT_TIMEOUT": "10"},
+         "HEARTBEAT_TIMEOUT=10 is not more than HEARTBEAT_INTERVAL=10"),
+    ],
+)
+def test_bad_broker_settings_are_named(env: dict[str, str], fragment: str) -> None:
+    [problem] = problems_for(env)
+    assert fragment in problem
+
+
+def test_a_bad_transporter_never_shows_its_password() -> None:
+    [problem] = problems_for({"TRANSPORTER": "redis://u:s3cret-redis@r:6379"})
+    assert "s3cret-redis" not in problem

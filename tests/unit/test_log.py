@@ -47,6 +47,9 @@ def sink() -> Iterator[io.StringIO]:
         ("mongodb://u:p%40ss@h/rc", "mongodb://u:****@h/rc"),
         ("mongodb://u:p@ss@h/rc", "mongodb://u:****@h/rc"),
         ("mongodb://:pw@h/rc", "mongodb://:****@h/rc"),
+        ("nats://u:pw@nats:4222", "nats://u:****@nats:4222"),
+        ("tls://u:pw@nats:4222", "tls://u:****@nats:4222"),
+        ("nats://s3cr3t-token@nats:4222", "nats://****@nats:4222"),
     ],
     ids=[
         "mongodb",
@@ -57,6 +60,9 @@ def sink() -> Iterator[io.StringIO]:
         "percent-encoded",
         "unescaped-at",
         "no-user-name",
+        "nats",
+        "nats-tls",
+        "nats-token",
     ],
 )
 def test_mask_url_replaces_only_the_password(url: str, masked: str) -> None:
@@ -70,8 +76,10 @@ def test_mask_url_replaces_only_the_password(url: str, masked: str) -> None:
         "mongodb://rocket@h:27017/rc",
         "https://chat.example.com:8443/api/info",
         "mongodb://h/rc?appName=a@b",
+        "nats://nats:4222",
     ],
-    ids=["no-user-info", "user-without-password", "port-not-password", "at-in-query"],
+    ids=["no-user-info", "user-without-password", "port-not-password", "at-in-query",
+         "nats-without-credentials"],
 )
 def test_mask_url_leaves_urls_without_password_unchanged(url: str) -> None:
     assert mask_url(url) == url
