@@ -69,6 +69,8 @@ SHUTDOWN_GRACE_S: Final = 4.0
 #: The feed's longest wait on the server for an event (getMore maxAwaitTimeMS).
 FEED_AWAIT_MS: Final = 1000
 HISTORY_LOST: Final = "history_lost"
+BROKER_RESTART_S: Final = 5.0
+"""Wait before the broker node is started again after it failed."""
 
 
 class StartupProblem(Exception):
@@ -318,8 +320,21 @@ class Daemon:
         self.broker = self._broker(db)
         async with trio.open_nursery() as nursery:
             if self.broker is not None:
-                nursery.start_soon(self.broker.run)
+                nursery.start_soon(self._run_broker, self.broker)
             await self._presence(db, backend)
+
+    async def _run_broker(self, node: BrokerNode) -> None:
+        """The broker node, restarted after a failure: a bug in it never stops presence."""
+        while True:
+            try:
+                await node.run()
+                return
+            except Exception:
+                logger.opt(exception=True).error(
+                    "the service broker node failed (a bug in presenced); presence goes on;"
+                    " rejoining the broker in {:.0f} s", BROKER_RESTART_S,
+                )
+                await self.clock.sleep(BROKER_RESTART_S)
 
     async def _presence(self, db: StoreCalls, backend: Backend) -> None:
         feed = backend.feed

@@ -363,8 +363,9 @@ class BrokerNode:
     ) -> None:
         now = self._clock.now_ms()
         if kind is PacketType.REQ:
-            await self._requests.acquire_on_behalf_of(packet.get("id"))
-            nursery.start_soon(self._serve, sender, packet)
+            token = object()  # a request's own id may be missing, repeated or unhashable
+            await self._requests.acquire_on_behalf_of(token)
+            nursery.start_soon(self._serve, sender, packet, token)
         elif kind is PacketType.EVENT:
             event = packet.get("event")
             if not isinstance(event, str):
@@ -403,7 +404,7 @@ class BrokerNode:
         except Exception as exc:
             logger.error("handling broker event {} from {} failed: {}", event, sender, exc)
 
-    async def _serve(self, sender: str, packet: dict[str, Any]) -> None:
+    async def _serve(self, sender: str, packet: dict[str, Any], token: object) -> None:
         request_id = packet.get("id")
         try:
             action = packet.get("action")
@@ -434,7 +435,7 @@ class BrokerNode:
                 self._metrics.broker_requests.labels(label, "ok").inc()
                 self._respond(sender, request_id, packet, result=result)
         finally:
-            self._requests.release_on_behalf_of(request_id)
+            self._requests.release_on_behalf_of(token)
 
     def _respond(
         self, sender: str, request_id: Any, request: Mapping[str, Any], *,

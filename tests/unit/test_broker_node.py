@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from loguru import logger
 
 from presenced.broker.node import ActionError, BrokerConfig, BrokerNode
@@ -425,5 +427,63 @@ def test_any_bytes_on_a_subject_never_stop_the_node(bad: bytes) -> None:
             await env.settle()
             assert env.metric("presenced_broker_malformed_packets_total",
                               kind="undecodable") == 1
+
+    run(scenario)
+
+
+json_junk = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=3),
+    max_leaves=10,
+)
+packet_fields = st.fixed_dictionaries(
+    {"ver": st.sampled_from(["4", "4", "4", "3", 4]),
+     "sender": st.sampled_from([PEER, PEER, PEER, "", 7, None])},
+    optional={
+        "id": json_junk, "action": st.sampled_from(["presence.echo", "presence.boom", "x"])
+        | json_junk, "params": json_junk, "meta": json_junk, "event": json_junk,
+        "data": json_junk, "services": json_junk, "instanceID": json_junk, "seq": json_junk,
+        "time": json_junk,
+    },
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(
+    [f"MOL.REQ.{ME}", f"MOL.EVENT.{ME}", "MOL.INFO", f"MOL.INFO.{ME}", "MOL.HEARTBEAT",
+     "MOL.DISCOVER", "MOL.DISCONNECT", f"MOL.PING.{ME}", f"MOL.PONG.{ME}", f"MOL.RES.{ME}"]
+), packet_fields), min_size=1, max_size=8))
+def test_no_packet_stops_the_node(packets: list[tuple[str, dict[str, Any]]]) -> None:
+    """Whatever the other nodes send, the node keeps answering requests."""
+
+    async def scenario(env: Env) -> None:
+        async with env.running():
+            for subj, packet in packets:
+                env.link.send(subj, packet)
+            await env.settle()
+            env.link.take()
+            env.link.send(f"MOL.REQ.{ME}", {"ver": "4", "sender": "probe", "id": "last",
+                                            "action": "presence.echo", "params": [1]})
+            await env.settle()
+            (res,) = env.link.sent("MOL.RES.probe")
+            assert res["success"] is True and res["data"] == {"params": [1]}
+
+    run(scenario)
+
+
+def test_requests_with_a_repeated_missing_or_odd_id_are_each_answered() -> None:
+    async def scenario(env: Env) -> None:
+        async with env.running():
+            env.link.take()
+            for rid in ("same", "same", None, None, ["a", "list"], {"an": "object"}):
+                packet: dict[str, Any] = {"ver": "4", "sender": PEER, "action": "presence.echo",
+                                          "params": []}
+                if rid is not None:
+                    packet["id"] = rid
+                env.link.send(f"MOL.REQ.{ME}", packet)
+            await env.settle()
+            answers = env.link.sent(f"MOL.RES.{PEER}")
+            assert len(answers) == 6 and all(a["success"] for a in answers)
 
     run(scenario)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import pytest
 from pymongo.errors import AutoReconnect, ServerSelectionTimeoutError
 
 from presenced.broker.service import NO_CAP
@@ -282,5 +283,36 @@ def test_ready_shows_the_broker_and_stays_ready_without_it() -> None:
             ok, body = env.daemon.health.readiness()
             assert ok and body["broker"]["connected"] is True
             assert env.metric("presenced_broker_connected") == 1
+
+    run(scenario, **BROKER)
+
+
+def test_a_failing_broker_node_is_restarted_and_presence_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from presenced.broker.node import BrokerNode
+    from presenced.daemon import BROKER_RESTART_S
+
+    real_announce = BrokerNode._announce
+    failures = [RuntimeError("a bug in the node")]
+
+    def announce(self: BrokerNode) -> None:
+        if failures:
+            raise failures.pop()
+        real_announce(self)
+
+    monkeypatch.setattr(BrokerNode, "_announce", announce)
+
+    async def scenario(env: Env) -> None:
+        env.store.add_user("u1")
+        env.store.connect("u1", "c1", None, env.now())
+        async with env.running():
+            assert env.store.presence("u1") == ("online", "online")
+            assert env.lines("ERROR", "the service broker node failed")
+            await env.after(BROKER_RESTART_S)
+            assert env.daemon.broker is not None and env.daemon.broker.connected
+            await join(env)
+            res = await call(env, "getConnectionCount", [])
+            assert res["data"]["current"] == 1
 
     run(scenario, **BROKER)
