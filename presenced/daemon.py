@@ -60,7 +60,7 @@ from presenced.presence import Collections
 from presenced.reconcile import Reconciler
 from presenced.rocketchat import RocketChat
 from presenced.store import PresenceStore
-from presenced.writer import Writer
+from presenced.writer import Coalescer, Writer
 
 __all__ = ["SHUTDOWN_GRACE_S", "Backend", "Daemon", "StartupProblem", "mongo_backend"]
 
@@ -188,6 +188,7 @@ class Daemon:
         self._behind = False
         self._work_scope = trio.CancelScope()
         self.writer: Writer | None = None
+        self._actions: Coalescer | None = None
         self.housekeeping: Housekeeping | None = None
         self.reconciler: Reconciler | None = None
 
@@ -285,9 +286,9 @@ class Daemon:
 
     async def refresh(self, user_ids: Sequence[Any]) -> list[Transition]:
         """Re-derive ``user_ids`` now, ahead of the feed (a broker action wrote their
-        documents); the transitions written."""
-        assert self.writer is not None
-        return await self.writer.load(user_ids, Reason.ACTION)
+        documents); the transitions written. Concurrent actions share bulk loads."""
+        assert self._actions is not None
+        return await self._actions.load(user_ids)
 
     def _broker(self, db: StoreCalls) -> BrokerNode | None:
         s = self.settings
@@ -320,6 +321,8 @@ class Daemon:
         self.broker = self._broker(db)
         async with trio.open_nursery() as nursery:
             if self.broker is not None:
+                self._actions = Coalescer(self.writer, Reason.ACTION)
+                nursery.start_soon(self._actions.run)
                 nursery.start_soon(self._run_broker, self.broker)
             await self._presence(db, backend)
 

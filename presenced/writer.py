@@ -28,7 +28,7 @@ from presenced.metrics import Metrics
 from presenced.presence import Collections
 from presenced.store import StatusWrite
 
-__all__ = ["BATCH", "Writer"]
+__all__ = ["BATCH", "Coalescer", "Writer"]
 
 BATCH: Final = 500
 """Users per bulk read and per bulk write."""
@@ -231,3 +231,52 @@ class Writer:
 def _chunks(ids: list[Any]) -> Iterable[list[Any]]:
     for start in range(0, len(ids), BATCH):
         yield ids[start : start + BATCH]
+
+
+class _Waiter:
+    def __init__(self, count: int) -> None:
+        self.remaining = count
+        self.transitions: list[Transition] = []
+        self.done = trio.Event()
+
+
+class Coalescer:
+    """Loads asked for one by one (a broker action each), done together: while one batch
+    is being read and written, the users asked for meanwhile wait and go in the next, so
+    a burst of actions costs a few bulk reads instead of one read each. ``run()`` must be
+    running for ``load()`` to return."""
+
+    def __init__(self, writer: Writer, reason: Reason) -> None:
+        self._writer = writer
+        self._reason = reason
+        self._pending: dict[Any, list[_Waiter]] = {}
+        self._wake = trio.Event()
+
+    async def load(self, user_ids: Sequence[Any]) -> list[Transition]:
+        """Re-read, derive and write ``user_ids`` with the next batch; the transitions
+        written for them."""
+        ids = list(dict.fromkeys(user_ids))
+        if not ids:
+            return []
+        waiter = _Waiter(len(ids))
+        for uid in ids:
+            self._pending.setdefault(uid, []).append(waiter)
+        self._wake.set()
+        await waiter.done.wait()
+        return waiter.transitions
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            batch, self._pending = self._pending, {}
+            transitions = await self._writer.load(list(batch), self._reason)
+            by_user: dict[Any, list[Transition]] = {}
+            for t in transitions:
+                by_user.setdefault(t.user_id, []).append(t)
+            for uid, waiters in batch.items():
+                for waiter in waiters:
+                    waiter.transitions += by_user.get(uid, [])
+                    waiter.remaining -= 1
+                    if waiter.remaining == 0:
+                        waiter.done.set()

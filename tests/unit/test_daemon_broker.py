@@ -316,3 +316,30 @@ def test_a_failing_broker_node_is_restarted_and_presence_goes_on(
             assert res["data"]["current"] == 1
 
     run(scenario, **BROKER)
+
+
+def test_a_burst_of_actions_shares_bulk_loads_and_each_gets_its_answer() -> None:
+    async def scenario(env: Env) -> None:
+        users = [f"u{i}" for i in range(50)]
+        for uid in users:
+            env.store.add_user(uid)
+        async with env.running():
+            await join(env)
+            announced(env)
+            env.delays["load_users"] = 0.01  # a read takes 10 ms
+            before = env.store.calls["load_users"]
+            for i, uid in enumerate(users):
+                link(env).send(f"MOL.REQ.{ME}", {
+                    "ver": "4", "sender": CALLER, "id": f"burst{i}",
+                    "action": "presence.newConnection", "params": [uid, f"c-{uid}", CALLER]})
+            await env.until(lambda: len(link(env).sent(f"MOL.RES.{CALLER}")) >= 50)
+            answers = {p["id"]: p for p in link(env).sent(f"MOL.RES.{CALLER}")}
+            assert all(answers[f"burst{i}"]["data"] == {"uid": uid, "connectionId": f"c-{uid}"}
+                       for i, uid in enumerate(users))
+            assert all(env.store.presence(uid) == ("online", "online") for uid in users)
+            # The actions' loads: a few batches, not one read each (the feed's keys for the
+            # same writes add their own, also batched).
+            assert env.store.calls["load_users"] - before <= 10
+            assert sorted(d[0]["user"]["_id"] for d in announced(env)) == sorted(users)
+
+    run(scenario, **BROKER)
