@@ -228,3 +228,7 @@ def _route_stdlib_logging(loguru_level: str) -> None:
         root.addHandler(_StdlibToLoguru())
     # Libraries are chatty at DEBUG (pymongo logs every command): INFO at most from them.
     root.setLevel(max(logging.getLevelNamesMapping()[loguru_level], logging.INFO))
+    # httpx (the REST check) and nats-py log every request or reconnect attempt at INFO;
+    # presenced says once what changed instead.
+    for chatty in ("httpx", "httpcore", "nats"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -223,8 +222,6 @@ class RocketChat:
         self._warned_admin = False
         self.shown_url = mask_url(self._base)
         """ROCKETCHAT_URL with its password, if any, masked."""
-        # httpx logs every request at INFO; one line per state change is what we want.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
 
     @classmethod
     def from_settings(cls, settings: Settings, clock: Clock) -> RocketChat | None:
