@@ -192,6 +192,8 @@ class _CachedUser:
     answer: Presence
     status_text: object = ABSENT
     roles: object = ABSENT
+    read_seq: int = -1
+    """The sequence number of the read these documents came from (``load``'s)."""
     confirmed: bool = False
     """The stored pair is the one a confirmed write put there (so a second confirm of it is
     a duplicate), not merely one read from the document."""
@@ -289,6 +291,9 @@ class Engine:
         self._timer_token: dict[Any, int] = {}
         self._tokens = itertools.count()
         self._refused: list[Refused] = []
+        # The write under way for each user (planned, not yet confirmed or given up): a
+        # second load that derives the same answer meanwhile plans nothing.
+        self._in_flight: dict[Any, PlannedWrite] = {}
         self._writes_planned: Counter[str] = Counter()
         self._transitions: Counter[str] = Counter()
         self._evictions = 0
@@ -338,13 +343,19 @@ class Engine:
         sessions_doc: Mapping[str, Any] | None,
         now_ms: int,
         reason: Reason,
+        read_seq: int | None = None,
     ) -> PlannedWrite | None:
         """Take freshly read documents for a user, derive, reschedule, maybe plan a write.
 
         ``user_doc`` None means the user does not exist (deleted): it is forgotten and
         nothing is written. ``sessions_doc`` None means no connections. The write is planned
         only if the stored ``status``/``statusConnection`` differ from the derived pair.
+        ``read_seq`` orders concurrent reads (a read started later has a higher number):
+        documents older than those already taken for the user are ignored.
         """
+        previous = self._users.get(user_id)
+        if read_seq is not None and previous is not None and previous.read_seq > read_seq:
+            return None
         if user_doc is None:
             self.forget(user_id)
             return None
@@ -366,7 +377,6 @@ class Engine:
                 "sessions", user_id, connection_reasons, _bad_connections_content(raw_connections)
             )
         username = user_doc.get("username")
-        previous = self._users.get(user_id)
         stored_status = user_doc.get("status", ABSENT)
         stored_status_connection = user_doc.get("statusConnection", ABSENT)
         cached = _CachedUser(
@@ -379,6 +389,7 @@ class Engine:
             answer=derive(state, connections, now_ms, self._ttl_ms, self._liveness),
             status_text=user_doc.get("statusText", ABSENT),
             roles=user_doc.get("roles", ABSENT),
+            read_seq=read_seq if read_seq is not None else -1,
             confirmed=previous is not None
             and previous.confirmed
             and _same_value(previous.stored_status, stored_status)
@@ -416,8 +427,11 @@ class Engine:
             self._schedule(user_id, at)
         if not needs_write(cached.stored_status, cached.stored_status_connection, cached.answer):
             return None
+        pending = self._in_flight.get(user_id)
+        if pending is not None and pending.presence == cached.answer:
+            return None  # that write will put the answer there (or fail, and be re-read)
         self._writes_planned[reason] += 1
-        return PlannedWrite(
+        write = PlannedWrite(
             user_id=user_id,
             presence=cached.answer,
             expected_status=cached.stored_status,
@@ -427,6 +441,14 @@ class Engine:
             status_text=cached.status_text,
             roles=cached.roles,
         )
+        self._in_flight[user_id] = write
+        return write
+
+    def write_done(self, write: PlannedWrite) -> None:
+        """The write left the writer's hands (confirmed, conflicting, failed or given up):
+        loads may plan a write of the same answer again."""
+        if self._in_flight.get(write.user_id) is write:
+            del self._in_flight[write.user_id]
 
     def confirm(self, write: PlannedWrite, now_ms: int) -> Transition | None:
         """The write landed: remember the new stored pair and return the transition.
@@ -485,6 +507,7 @@ class Engine:
             self._reindex(user_id, cached.instance_ids, None)
             self._count_connections(cached, None)
         self._cancel_timer(user_id)
+        self._in_flight.pop(user_id, None)
 
     def presence(self, user_id: Any) -> Presence | None:
         """The last derived answer for a cached user (None if not cached)."""

@@ -13,6 +13,7 @@ Must never: decide a status (the engine does), or call the store but through
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
@@ -59,13 +60,12 @@ class Writer:
         self._collections = collections
         self._on_transition = on_transition
         self._on_timers_changed = on_timers_changed
-        # A read and the engine.load of its documents happen under one lock, so that an
-        # older read is never applied after a newer one.
-        self._load_lock = trio.Lock()
+        # Reads run side by side; each is numbered when it starts, and the engine never
+        # takes a read older than the one it holds for a user.
+        self._read_seq = itertools.count()
         self._retry: set[Any] = set()
-        # Users whose write was confirmed while a read was under way: what that read
-        # returned for them may predate the write, so they are read again.
-        self._confirmed_during_read: set[Any] | None = None
+        # For each read under way, the pairs our writes confirmed meanwhile, by user.
+        self._open_reads: dict[int, dict[Any, tuple[str, str]]] = {}
         self.pending_writes = 0
         self.counts = {"written": 0, "conflicts": 0, "transitions": 0}
 
@@ -89,44 +89,57 @@ class Writer:
             await self._load_chunk(chunk, reason)
 
     async def _load_chunk(self, chunk: list[Any], reason: Reason) -> list[Transition]:
-        async with self._load_lock:
-            users, sessions, stale = await self._read(chunk)
-            for _ in range(3):
-                # A write confirmed while the read was under way: what was read for its
-                # user may predate it (a stale pair would plan a second write of the same
-                # change, and announce it twice). Read those users again.
-                if not stale:
-                    break
-                again_users, again_sessions, again_stale = await self._read(list(stale))
-                for uid in stale:
-                    users.pop(uid, None)
-                    sessions.pop(uid, None)
-                users.update(again_users)
-                sessions.update(again_sessions)
-                stale = again_stale
-            self._health.succeeded()
-            now = self._clock.now_ms()
-            writes = [
-                w for uid in chunk
-                if (w := self._engine.load(uid, users.get(uid), sessions.get(uid), now, reason))
-            ]
+        seq = next(self._read_seq)
+        users, sessions, confirmed = await self._read(chunk, seq)
+        for uid, (status, status_connection) in confirmed.items():
+            # A write of ours was confirmed while the read was under way: the pair read may
+            # predate it, and a stale pair would plan the same change again (and announce
+            # it twice). The write landed, so the pair it wrote is the stored one; a later
+            # change by anyone else comes as a feed key of its own.
+            doc = users.get(uid)
+            if isinstance(doc, dict):
+                users[uid] = {**doc, "status": status, "statusConnection": status_connection}
+        self._health.succeeded()
+        now = self._clock.now_ms()
+        writes = [
+            w for uid in chunk
+            if (w := self._engine.load(
+                uid, users.get(uid), sessions.get(uid), now, reason, read_seq=seq
+            ))
+        ]
         self._report_refused()
         self._on_timers_changed()
         return await self.write(writes)
 
     async def _read(
-        self, ids: list[Any]
-    ) -> tuple[dict[Any, Any], dict[Any, Any], set[Any]]:
-        """The users' documents, and which of them had a write confirmed meanwhile."""
+        self, ids: list[Any], seq: int
+    ) -> tuple[dict[Any, Any], dict[Any, Any], dict[Any, tuple[str, str]]]:
+        """The users' and sessions' documents (read at once, side by side), and the pairs
+        our writes confirmed for them while the reads were under way."""
         store = self._db.store
-        confirmed: set[Any] = set()
-        self._confirmed_during_read = confirmed
+        confirmed: dict[Any, tuple[str, str]] = {}
+        self._open_reads[seq] = confirmed
+        found: dict[str, dict[Any, Any]] = {}
+
+        async def read(name: str, fn: Callable[[list[Any]], dict[Any, Any]]) -> None:
+            found[name] = await self._db.read(fn, ids)
+
         try:
-            users = await self._db.read(store.load_users, ids)
-            sessions = await self._db.read(store.load_sessions, ids)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, "users", store.load_users)
+                nursery.start_soon(read, "sessions", store.load_sessions)
+        except BaseExceptionGroup as group:
+            # One MongoDB failure (or two) is the caller's to handle, as from one read.
+            _, rest = group.split(PyMongoError)
+            if rest is None:
+                raise _first_leaf(group) from None
+            raise
         finally:
-            self._confirmed_during_read = None
-        return users, sessions, confirmed.intersection(ids)
+            del self._open_reads[seq]
+        wanted = set(ids)
+        return found["users"], found["sessions"], {
+            uid: pair for uid, pair in confirmed.items() if uid in wanted
+        }
 
     async def evaluate(self, user_ids: Iterable[Any], reason: Reason) -> None:
         """Re-derive cached users at the clock's now; re-read those not cached."""
@@ -184,6 +197,17 @@ class Writer:
         ]
         self.pending_writes += len(writes)
         try:
+            await self._write_and_confirm(writes, request, announced)
+        finally:
+            self.pending_writes -= len(writes)
+            for w in writes:
+                self._engine.write_done(w)
+
+    async def _write_and_confirm(
+        self, writes: Sequence[PlannedWrite], request: list[StatusWrite],
+        announced: list[Transition],
+    ) -> None:
+        try:
             outcome = await self._db.write(self._db.store.write_statuses, request)
         except PyMongoError as exc:
             # Landed or not, we cannot tell: re-read these users once MongoDB answers.
@@ -193,16 +217,17 @@ class Writer:
                 self._engine.forget(w.user_id)
                 self._retry.add(w.user_id)
             return
-        finally:
-            self.pending_writes -= len(writes)
         self._health.succeeded()
         by_id = {w.user_id: w for w in writes}
         now = self._clock.now_ms()
         for uid in outcome.written:
             self.counts["written"] += 1
             self._metrics.writes.labels("written").inc()
-            if self._confirmed_during_read is not None:
-                self._confirmed_during_read.add(uid)
+            write = by_id[uid]
+            for confirmed in self._open_reads.values():
+                confirmed[uid] = (
+                    write.presence.status.value, write.presence.status_connection.value
+                )
             transition = self._engine.confirm(by_id[uid], now)
             if transition is not None:
                 announced.append(transition)
@@ -226,6 +251,11 @@ class Writer:
         )
         if self._on_transition is not None:
             self._on_transition(t)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _chunks(ids: list[Any]) -> Iterable[list[Any]]:

@@ -142,12 +142,22 @@ class PresenceService:
         if status_text is not None and not isinstance(status_text, str):
             raise _invalid("statusText must be a string")
         text = None if status_text is None else status_text.strip()[:STATUS_TEXT_MAX]
+        before = await self._user(uid)
         changed = await self._write(self._store.set_status_default, uid, status_default, text)
         transitions = await self._refresh([uid])
-        if changed and not any(t.user_id == uid for t in transitions):
-            # The status text (or the chosen status) changed and the status did not:
-            # Rocket.Chat still tells every client, which shows the text.
-            await self._announce_current(uid)
+        after = await self._user(uid)
+        if changed and before is not None and after is not None:
+            status = after.get("status")
+            if status == before.get("status") and isinstance(status, str):
+                # The text (or the chosen status) changed and the stored status did not,
+                # so no transition told anyone: Rocket.Chat still tells every client,
+                # which shows the text.
+                self._notifier.announce([
+                    status_payload(
+                        uid, after.get("username", ABSENT), status,
+                        after.get("statusText", ABSENT), after.get("roles", ABSENT), status,
+                    )
+                ])
         return changed or bool(transitions)
 
     async def set_connection_status(self, params: Any) -> Any:
@@ -219,23 +229,13 @@ class PresenceService:
         except PyMongoError as exc:
             raise _mongo_error(exc, self._secrets) from None
 
-    async def _announce_current(self, uid: Any) -> None:
+    async def _user(self, uid: Any) -> dict[str, Any] | None:
+        """The user's presence fields as stored now (None: no such user)."""
         try:
             users = await self._db.read(self._db.store.load_users, [uid])
         except PyMongoError as exc:
             raise _mongo_error(exc, self._secrets) from None
-        doc = users.get(uid)
-        if doc is None:
-            return
-        status = doc.get("status")
-        if not isinstance(status, str):
-            return
-        self._notifier.announce([
-            status_payload(
-                uid, doc.get("username", ABSENT), status, doc.get("statusText", ABSENT),
-                doc.get("roles", ABSENT), status,
-            )
-        ])
+        return users.get(uid)
 
 
 def _args(params: Any, count: int) -> list[Any]:

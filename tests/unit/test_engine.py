@@ -248,10 +248,26 @@ def test_confirming_the_same_write_twice_announces_one_transition() -> None:
 def test_two_writes_to_the_same_pair_announce_one_transition() -> None:
     e = engine()
     first = e.load("u1", user_doc(), sessions("u1", conn()), NOW, CONNECTIONS)
+    assert first is not None
+    e.write_done(first)  # e.g. its answer was lost: landed or not, we could not tell
     second = e.load("u1", user_doc(), sessions("u1", conn()), NOW, CONNECTIONS)
-    assert first is not None and second is not None
+    assert second is not None
     assert e.confirm(first, NOW) is not None
     assert e.confirm(second, NOW) is None
+
+
+def test_a_load_while_the_same_write_is_under_way_plans_nothing() -> None:
+    e = engine()
+    first = e.load("u1", user_doc(), sessions("u1", conn()), NOW, CONNECTIONS)
+    assert first is not None
+    assert e.load("u1", user_doc(), sessions("u1", conn()), NOW, CONNECTIONS) is None
+    # Another answer is planned at once (the first write will then conflict).
+    away = e.load("u1", user_doc(), sessions("u1", conn(status="away")), NOW, CONNECTIONS)
+    assert away is not None and away.presence == Presence(AWAY, AWAY)
+    e.write_done(first)  # not the write under way any more: nothing changes
+    e.write_done(away)
+    again = e.load("u1", user_doc(), sessions("u1", conn()), NOW, CONNECTIONS)
+    assert again is not None and again.presence == Presence(ONLINE, ONLINE)
 
 
 def test_confirm_after_a_reread_saw_the_written_pair_still_announces() -> None:
@@ -714,3 +730,14 @@ def test_superseded_timers_do_not_accumulate_without_bound() -> None:
         e.load("u1", doc, sessions("u1", conn(updated_ms=at)), at, CONNECTIONS)
     assert len(e._heap) <= 2 * e.stats().timers_pending + 1025
     assert e.next_deadline() == NOW + 4_999 * SECOND + TTL + 1
+
+
+def test_a_read_older_than_the_one_held_is_ignored() -> None:
+    e = engine()
+    newer = sessions("u1", conn(status="away"))
+    assert e.load("u1", user_doc(), newer, NOW, CONNECTIONS, read_seq=5) is not None
+    older = sessions("u1", conn(status="online"))
+    assert e.load("u1", user_doc(), older, NOW, CONNECTIONS, read_seq=4) is None
+    assert e.presence("u1") == Presence(AWAY, AWAY)
+    assert e.load("u1", user_doc(), older, NOW, CONNECTIONS, read_seq=6) is not None
+    assert e.presence("u1") == Presence(ONLINE, ONLINE)
