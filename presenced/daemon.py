@@ -449,6 +449,13 @@ class Daemon:
         instances = False
         resync: str | None = None
         for key in keys:
+            if (
+                isinstance(key, UserChanged) and key.written is not None
+                and self.engine.holds(key.user_id, key.written)
+            ):
+                # Our own status write coming back: nothing new to read.
+                self.metrics.feed_keys.labels("user_own_write").inc()
+                continue
             if isinstance(key, SessionsChanged | UserChanged):
                 user_ids.append(key.user_id)
                 self.metrics.feed_keys.labels(

@@ -514,6 +514,15 @@ class Engine:
         cached = self._users.get(user_id)
         return None if cached is None else cached.answer
 
+    def holds(self, user_id: Any, pair: tuple[str, str]) -> bool:
+        """True if the stored (status, statusConnection) held for the user is ``pair``."""
+        cached = self._users.get(user_id)
+        return (
+            cached is not None
+            and _same_value(cached.stored_status, pair[0])
+            and _same_value(cached.stored_status_connection, pair[1])
+        )
+
     def __contains__(self, user_id: object) -> bool:
         return user_id in self._users
 

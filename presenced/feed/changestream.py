@@ -44,6 +44,7 @@ from presenced.feed.keys import (
     ResyncAll,
     SessionsChanged,
     UserChanged,
+    status_pair_written,
     touches_presence_fields,
 )
 from presenced.feed.source import HistoryLost
@@ -138,7 +139,9 @@ def _decode(event: object, watched: Collections) -> Decoded:
         return Decoded((UserChanged(doc_id),), malformed=True)
     if not touches_presence_fields(fields):
         return _NOTHING
-    return Decoded((UserChanged(doc_id),))
+    # _updated_fields checked the shape: updatedFields, when present, is a mapping.
+    updated = description.get("updatedFields", {})
+    return Decoded((UserChanged(doc_id, status_pair_written(updated, fields)),))
 
 
 def _watched_collection(ns: object, watched: Collections) -> str | None:

@@ -14,7 +14,7 @@ Must never: decide a status, do I/O, import pymongo, trio or loguru. Everything 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +30,15 @@ class SessionsChanged:
 
 @dataclass(frozen=True, slots=True)
 class UserChanged:
-    """A ``users`` document changed in a field presence reads, or was inserted/replaced/deleted."""
+    """A ``users`` document changed in a field presence reads, or was inserted/replaced/deleted.
+
+    ``written``: when the change set ``status`` and ``statusConnection`` (to strings) and
+    touched no other field presence reads, the pair it stored. A reader that already holds
+    exactly that pair (its own write, coming back through the feed) learns nothing new.
+    """
 
     user_id: Any
+    written: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +71,20 @@ class Decoded:
 
 PRESENCE_USER_FIELDS: frozenset[str] = frozenset(USER_FIELDS)
 """Top-level ``users`` fields presence reads; a change to any other field needs no re-read."""
+
+def status_pair_written(
+    set_fields: Mapping[str, Any], touched: Iterable[str]
+) -> tuple[str, str] | None:
+    """The (status, statusConnection) an update set, when among the fields presence reads
+    it touched exactly those two, each set whole to a string; else None."""
+    presence_touched = {f.split(".", 1)[0] for f in touched} & PRESENCE_USER_FIELDS
+    if presence_touched != {"status", "statusConnection"}:
+        return None
+    status, status_connection = set_fields.get("status"), set_fields.get("statusConnection")
+    if type(status) is str and type(status_connection) is str:
+        return status, status_connection
+    return None
+
 
 def touches_presence_fields(top_level_fields: Iterable[str]) -> bool:
     """True if any of ``top_level_fields`` is (or is inside) a field presence reads.

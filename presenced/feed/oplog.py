@@ -69,6 +69,7 @@ from presenced.feed.keys import (
     ResyncAll,
     SessionsChanged,
     UserChanged,
+    status_pair_written,
     touches_presence_fields,
 )
 from presenced.feed.source import HistoryLost
@@ -149,7 +150,8 @@ def _decode(entry: object, watched: Collections, depth: int) -> Decoded:
     fields, broken = _touched(o)
     if fields is not None and not touches_presence_fields(fields):
         return _NOTHING
-    return Decoded((UserChanged(doc_id),), malformed=broken)
+    written = None if fields is None else status_pair_written(_set_values(o), fields)
+    return Decoded((UserChanged(doc_id, written),), malformed=broken)
 
 
 def _decode_command(
@@ -228,6 +230,23 @@ def _touched(o: Mapping[str, Any]) -> tuple[frozenset[str] | None, bool]:
                 return None, True
             names.add(path.split(".", 1)[0])
     return frozenset(names), False
+
+
+def _set_values(o: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The top-level fields an update entry sets whole, with their values (``$v: 2``: the
+    ``u`` and ``i`` sections; ``$v: 1``: ``$set``); empty when it has none or no shape."""
+    if o.get("$v") == 2:
+        diff = o.get("diff")
+        if not isinstance(diff, Mapping):
+            return {}
+        found: dict[str, Any] = {}
+        for section in ("i", "u"):
+            part = diff.get(section)
+            if isinstance(part, Mapping):
+                found.update(part)
+        return found
+    values = o.get("$set")
+    return values if isinstance(values, Mapping) else {}
 
 
 def _diff_fields(diff: object) -> frozenset[str] | None:

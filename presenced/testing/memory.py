@@ -363,7 +363,8 @@ class MemoryStore:
                 and _matches(doc, "statusConnection", w.expected_status_connection)
             ):
                 doc["status"], doc["statusConnection"] = w.status, w.status_connection
-                self.feed.emit(UserChanged(w.user_id))
+                # As both feeds report a $set of the two fields: with the pair written.
+                self.feed.emit(UserChanged(w.user_id, written=(w.status, w.status_connection)))
                 written.append(w.user_id)
             elif doc is not None and (doc.get("status"), doc.get("statusConnection")) == (
                 w.status, w.status_connection

@@ -180,6 +180,26 @@ def test_users_insert_and_delete_and_instance_delete_are_keys(
     ]
 
 
+def test_a_status_write_carries_the_pair_it_wrote_and_other_writes_do_not(
+    db: Database[Doc], source: FeedSource
+) -> None:
+    """presenced's own status write (the store's $set of both fields) comes back with the
+    pair, in both feeds' update formats, so the daemon can tell its own echo."""
+    db.users.insert_one({"_id": "u1", "username": "a", "status": "offline"})
+    source.open(None)
+    pair = {"status": "online", "statusConnection": "online"}
+    db.users.update_one({"_id": "u1"}, {"$set": pair})  # statusConnection is new: inserted
+    db.users.update_one({"_id": "u1"}, {"$set": {"status": "away", "statusConnection": "away"}})
+    db.users.update_one({"_id": "u1"}, {"$set": {"status": "busy", "statusText": "x"}})
+    write_sentinel(db)
+    assert keys_until(source) == [
+        UserChanged("u1", written=("online", "online")),
+        UserChanged("u1", written=("away", "away")),
+        UserChanged("u1"),
+        SENTINEL,
+    ]
+
+
 def test_transaction_touching_several_users_yields_a_key_for_each(
     client: MongoClient[Doc], db: Database[Doc], source: FeedSource
 ) -> None:

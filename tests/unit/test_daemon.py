@@ -17,6 +17,7 @@ from pymongo.errors import AutoReconnect, OperationFailure, ServerSelectionTimeo
 
 from presenced.daemon import SHUTDOWN_GRACE_S
 from presenced.engine import Reason
+from presenced.feed.keys import UserChanged
 from presenced.presence import ABSENT, from_ms
 from presenced.reconcile import PAGE
 from presenced.store import ReconcileSource
@@ -400,3 +401,23 @@ def test_settings_secrets_never_reach_the_logs() -> None:
     env = run(scenario)
     assert all("s3cret-pass" not in message for _, message in env.logs)
     assert env.lines("WARNING", "****")
+
+
+def test_the_feeds_echo_of_our_own_status_write_is_not_read_again() -> None:
+    async def scenario(env: Env) -> None:
+        env.store.add_user("u1")
+        async with env.running():
+            before = env.store.calls["load_users"]
+            env.store.connect("u1", "c1", None, env.now())
+            await env.until(lambda: env.store.presence("u1") == ON)
+            await env.after(2)
+            # One read for the connection; none for the status write coming back.
+            assert env.store.calls["load_users"] - before == 1
+            assert env.metric("presenced_feed_keys_total", kind="user_own_write") == 1
+            # Someone else's write of another pair is read (and corrected).
+            env.store.users["u1"].update(status="away", statusConnection="away")
+            env.store.feed.emit(UserChanged("u1", written=("away", "away")))
+            await env.until(lambda: env.store.presence("u1") == ON)
+            assert env.store.calls["load_users"] - before == 2
+
+    run(scenario)

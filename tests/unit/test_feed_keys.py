@@ -622,3 +622,23 @@ def test_source_poll_before_open_is_an_error() -> None:
     source = ChangeStreamSource(FakeClient([]), W)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError):
         source.poll()
+
+
+@pytest.mark.parametrize(
+    ("updated", "removed", "written"),
+    [
+        ({"status": "away", "statusConnection": "away"}, [], ("away", "away")),
+        ({"status": "away", "statusConnection": "away", "_updatedAt": 1}, [], ("away", "away")),
+        ({"status": "away", "statusConnection": "away", "statusText": "x"}, [], None),
+        ({"status": "away"}, [], None),
+        ({"status": "away"}, ["statusConnection"], None),
+        ({"status": None, "statusConnection": "away"}, [], None),
+        ({"status.x": "away", "statusConnection": "away"}, [], None),
+    ],
+)
+def test_an_update_of_only_the_status_pair_carries_the_pair(
+    updated: dict[str, Any], removed: list[str], written: tuple[str, str] | None
+) -> None:
+    assert decode_change_event(users_update(updated, removed=removed), W) == [
+        UserChanged("u1", written=written)
+    ]

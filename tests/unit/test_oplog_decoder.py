@@ -161,8 +161,35 @@ def test_v2_users_update_with_a_broken_diff_still_rereads_and_is_flagged() -> No
 
 def test_v1_set_of_a_presence_field_is_user_changed() -> None:
     o = {"$v": 1, "$set": {"status": "online", "statusConnection": "online"}}
-    assert keys(entry("u", "rocketchat.users", o, o2={"_id": "u1"})) == [UserChanged("u1")]
+    assert keys(entry("u", "rocketchat.users", o, o2={"_id": "u1"})) == [
+        UserChanged("u1", written=("online", "online"))
+    ]
     assert touched_fields(o) == frozenset({"status", "statusConnection"})
+
+
+@pytest.mark.parametrize(
+    ("o", "written"),
+    [
+        ({"$v": 2, "diff": {"u": {"status": "away", "statusConnection": "away"}}},
+         ("away", "away")),
+        ({"$v": 2, "diff": {"i": {"status": "busy"}, "u": {"statusConnection": "online"}}},
+         ("busy", "online")),
+        ({"$v": 2, "diff": {"u": {"status": "away", "statusConnection": "away",
+                                  "statusText": "x"}}}, None),
+        ({"$v": 2, "diff": {"u": {"status": "away"}}}, None),
+        ({"$v": 2, "diff": {"u": {"status": 1, "statusConnection": "away"}}}, None),
+        ({"$v": 2, "diff": {"u": {"statusConnection": "away"}, "d": {"status": False}}}, None),
+        ({"$v": 1, "$set": {"status": "away", "statusConnection": "away", "_updatedAt": 1}},
+         ("away", "away")),
+        ({"$v": 1, "$set": {"status": "away"}, "$unset": {"statusConnection": True}}, None),
+    ],
+)
+def test_an_update_of_only_the_status_pair_carries_the_pair(
+    o: dict[str, Any], written: tuple[str, str] | None
+) -> None:
+    assert keys(entry("u", "rocketchat.users", o, o2={"_id": "u1"})) == [
+        UserChanged("u1", written=written)
+    ]
 
 
 def test_v1_unset_of_a_presence_field_is_user_changed() -> None:
