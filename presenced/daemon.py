@@ -70,6 +70,8 @@ SHUTDOWN_GRACE_S: Final = 4.0
 FEED_AWAIT_MS: Final = 1000
 HISTORY_LOST: Final = "history_lost"
 BROKER_RESTART_S: Final = 5.0
+BROKER_CONNECT_WAIT_S: Final = 3.0
+BROKER_DISCOVER_S: Final = 0.5
 """Wait before the broker node is started again after it failed."""
 
 
@@ -324,7 +326,19 @@ class Daemon:
                 self._actions = Coalescer(self.writer, Reason.ACTION)
                 nursery.start_soon(self._actions.run)
                 nursery.start_soon(self._run_broker, self.broker)
+                await self._meet_the_broker(self.broker)
             await self._presence(db, backend)
+
+    async def _meet_the_broker(self, node: BrokerNode) -> None:
+        """Give the broker a moment before the start-up reconciliation, so that the
+        transitions it writes reach the nodes listening to presence.status: up to
+        BROKER_CONNECT_WAIT_S to connect, then BROKER_DISCOVER_S for the nodes' INFO
+        answers. A broker that does not answer delays nothing more."""
+        with trio.move_on_after(BROKER_CONNECT_WAIT_S):
+            while not node.connected:
+                await self.clock.sleep(0.01)
+        if node.connected:
+            await self.clock.sleep(BROKER_DISCOVER_S)
 
     async def _run_broker(self, node: BrokerNode) -> None:
         """The broker node, restarted after a failure: a bug in it never stops presence."""

@@ -30,6 +30,7 @@ class FakeLink:
         self.published: list[tuple[str, dict[str, Any]]] = []
         self.connected = False
         self.closed = False
+        self.greeting: list[tuple[str, dict[str, Any]]] = []
         self._may_connect = trio.Event()
         if connect:
             self._may_connect.set()
@@ -45,6 +46,9 @@ class FakeLink:
 
     async def subscribe(self, *subjects: str) -> None:
         self.subjects.extend(subjects)
+        for subject, packet in self.greeting:  # what the other nodes say as we join
+            self.send(subject, packet)
+        self.greeting = []
 
     def publish(self, subject: str, data: bytes) -> bool:
         if not self.connected:
@@ -85,10 +89,13 @@ class LinkMaker:
     def __init__(self, *, connect: bool = True) -> None:
         self.link: FakeLink | None = None
         self._connect = connect
+        self.greeting: list[tuple[str, dict[str, Any]]] = []
+        """Packets the link delivers as soon as the node subscribes."""
 
     def __call__(
         self, url: str, name: str, on_state: Callable[[str], None],
         on_error: Callable[[str], None],
     ) -> FakeLink:
         self.link = FakeLink(url, name, on_state, on_error, connect=self._connect)
+        self.link.greeting = list(self.greeting)
         return self.link

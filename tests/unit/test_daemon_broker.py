@@ -343,3 +343,23 @@ def test_a_burst_of_actions_shares_bulk_loads_and_each_gets_its_answer() -> None
             assert sorted(d[0]["user"]["_id"] for d in announced(env)) == sorted(users)
 
     run(scenario, **BROKER)
+
+
+def test_start_up_reconciliation_is_announced_to_the_nodes_already_listening() -> None:
+    async def scenario(env: Env) -> None:
+        env.store.add_user("u1", username="alice")
+        env.store.connect("u1", "c1", CALLER, env.now())
+        env.broker.greeting = [("MOL.INFO", {
+            "ver": "4", "sender": LISTENER, "instanceID": "i-l", "seq": 1,
+            "services": [{"name": "l", "actions": {},
+                          "events": {"presence.status": {"name": "presence.status"}}}],
+        })]
+        async with env.running():
+            assert env.store.presence("u1") == ("online", "online")
+            assert announced(env) == [[{
+                "user": {"_id": "u1", "username": "alice", "status": "online",
+                         "roles": ["user"]},
+                "previousStatus": "offline",
+            }]]
+
+    run(scenario, **BROKER)
