@@ -66,6 +66,8 @@ class Writer:
         self._retry: set[Any] = set()
         # For each read under way, the pairs our writes confirmed meanwhile, by user.
         self._open_reads: dict[int, dict[Any, tuple[str, str]]] = {}
+        # The status write under way for each user, for a load that joins it.
+        self._under_way: dict[Any, _UnderWay] = {}
         self.pending_writes = 0
         self.counts = {"written": 0, "conflicts": 0, "transitions": 0}
 
@@ -107,9 +109,21 @@ class Writer:
                 uid, users.get(uid), sessions.get(uid), now, reason, read_seq=seq
             ))
         ]
+        # A user the engine planned nothing for because a write of that answer is already
+        # under way (planned by another load): this load's caller waits for that write,
+        # and gets its transition, as if it had planned it.
+        planned = {w.user_id for w in writes}
+        joined = [
+            self._under_way[uid] for uid in chunk
+            if uid not in planned and uid in self._under_way
+        ]
         self._report_refused()
         self._on_timers_changed()
-        return await self.write(writes)
+        announced = await self.write(writes)
+        for under_way in joined:
+            await under_way.done.wait()
+            announced += under_way.transitions
+        return announced
 
     async def _read(
         self, ids: list[Any], seq: int
@@ -180,6 +194,8 @@ class Writer:
         announced: list[Transition] = []
         if not writes:
             return announced
+        for w in writes:
+            self._under_way[w.user_id] = _UnderWay(w)
         async with trio.open_nursery() as nursery:
             for start in range(0, len(writes), BATCH):
                 nursery.start_soon(self._write_batch, writes[start : start + BATCH], announced)
@@ -202,6 +218,10 @@ class Writer:
             self.pending_writes -= len(writes)
             for w in writes:
                 self._engine.write_done(w)
+                under_way = self._under_way.get(w.user_id)
+                if under_way is not None and under_way.write is w:
+                    del self._under_way[w.user_id]
+                    under_way.done.set()
 
     async def _write_and_confirm(
         self, writes: Sequence[PlannedWrite], request: list[StatusWrite],
@@ -231,6 +251,9 @@ class Writer:
             transition = self._engine.confirm(by_id[uid], now)
             if transition is not None:
                 announced.append(transition)
+                under_way = self._under_way.get(uid)
+                if under_way is not None and under_way.write is by_id[uid]:
+                    under_way.transitions.append(transition)
                 self._transition(transition)
         if outcome.conflicts:
             self.counts["conflicts"] += len(outcome.conflicts)
@@ -261,6 +284,15 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 def _chunks(ids: list[Any]) -> Iterable[list[Any]]:
     for start in range(0, len(ids), BATCH):
         yield ids[start : start + BATCH]
+
+
+class _UnderWay:
+    """A status write under way: when it is done, and the transition it announced."""
+
+    def __init__(self, write: PlannedWrite) -> None:
+        self.write = write
+        self.done = trio.Event()
+        self.transitions: list[Transition] = []
 
 
 class _Waiter:

@@ -31,12 +31,14 @@ class FakeLink:
         self.connected = False
         self.closed = False
         self.greeting: list[tuple[str, dict[str, Any]]] = []
+        self.connect_delay = 0.0
         self._may_connect = trio.Event()
         if connect:
             self._may_connect.set()
 
     # -- the Link interface -------------------------------------------------------------
     async def connect(self) -> None:
+        await trio.sleep(self.connect_delay)
         while not self._may_connect.is_set():  # as nats-py: an error per attempt, every 2 s
             self.on_error("ConnectionRefusedError: [Errno 111] Connect call failed")
             with trio.move_on_after(2):
@@ -91,6 +93,8 @@ class LinkMaker:
         self._connect = connect
         self.greeting: list[tuple[str, dict[str, Any]]] = []
         """Packets the link delivers as soon as the node subscribes."""
+        self.connect_delay = 0.0
+        """Seconds a connection takes."""
 
     def __call__(
         self, url: str, name: str, on_state: Callable[[str], None],
@@ -98,4 +102,5 @@ class LinkMaker:
     ) -> FakeLink:
         self.link = FakeLink(url, name, on_state, on_error, connect=self._connect)
         self.link.greeting = list(self.greeting)
+        self.link.connect_delay = self.connect_delay
         return self.link
