@@ -48,6 +48,7 @@ from presenced.presence import (
     ReapPlan,
     Status,
     UserState,
+    counts,
     derive,
     from_ms,
     needs_write,
@@ -513,6 +514,18 @@ class Engine:
         """The last derived answer for a cached user (None if not cached)."""
         cached = self._users.get(user_id)
         return None if cached is None else cached.answer
+
+    def counts_connection(self, user_id: Any, connection_id: str, now_ms: int) -> bool:
+        """True if the user is held and every entry with ``connection_id`` counts at
+        ``now_ms``: a heartbeat of that connection cannot change the user's answer (only
+        when it stops counting, which its timer will see with the heartbeat's new date)."""
+        cached = self._users.get(user_id)
+        if cached is None:
+            return False
+        entries = [c for c in cached.connections if c.id == connection_id]
+        return bool(entries) and all(
+            counts(c, now_ms, self._ttl_ms, self._liveness) for c in entries
+        )
 
     def holds(self, user_id: Any, pair: tuple[str, str]) -> bool:
         """True if the stored (status, statusConnection) held for the user is ``pair``."""

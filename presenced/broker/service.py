@@ -106,9 +106,14 @@ class PresenceService:
     async def update_connection(self, params: Any) -> Any:
         uid, connection_id = _args(params, 2)
         _strings(uid=uid, connectionId=connection_id)
-        if not await self._write(self._store.touch_connection, uid, connection_id, self._now()):
+        now = self._clock.now_ms()
+        counted = self._engine.counts_connection(uid, connection_id, now)
+        if not await self._write(self._store.touch_connection, uid, connection_id, from_ms(now)):
             return None
-        await self._refresh([uid])
+        if not counted:
+            # The heartbeat may bring the connection back (or the user is not held): derive
+            # now. Otherwise the answer cannot change; the feed brings the new date.
+            await self._refresh([uid])
         return {"uid": uid, "connectionId": connection_id}
 
     async def remove_connection(self, params: Any) -> Any:

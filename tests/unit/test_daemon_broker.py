@@ -366,3 +366,26 @@ def test_start_up_reconciliation_is_announced_to_the_nodes_already_listening() -
             }]]
 
     run(scenario, **BROKER)
+
+
+def test_a_heartbeat_derives_at_once_only_when_it_can_change_the_answer() -> None:
+    async def scenario(env: Env) -> None:
+        env.store.add_user("u1")
+        async with env.running():
+            await join(env)
+            await call(env, "newConnection", ["u1", "c1", CALLER])
+            await env.after(1)
+            before = env.store.calls["load_users"]
+            res = await call(env, "updateConnection", ["u1", "c1"])
+            assert res["data"] == {"uid": "u1", "connectionId": "c1"}
+            await env.after(1)
+            assert env.store.calls["load_users"] - before == 1  # the feed's key only
+            # A user the engine does not hold (evicted, say): derived at once.
+            env.daemon.engine.forget("u1")
+            before = env.store.calls["load_users"]
+            await call(env, "updateConnection", ["u1", "c1"])
+            await env.after(1)
+            assert env.store.calls["load_users"] - before == 2  # the action's and the feed's
+            assert "u1" in env.daemon.engine
+
+    run(scenario, **BROKER)

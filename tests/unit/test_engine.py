@@ -741,3 +741,14 @@ def test_a_read_older_than_the_one_held_is_ignored() -> None:
     assert e.presence("u1") == Presence(AWAY, AWAY)
     assert e.load("u1", user_doc(), older, NOW, CONNECTIONS, read_seq=6) is not None
     assert e.presence("u1") == Presence(ONLINE, ONLINE)
+
+
+def test_counts_connection_says_whether_a_heartbeat_could_change_the_answer() -> None:
+    e = engine()
+    e.load("u1", user_doc(), sessions("u1", conn("c1"), conn("c2", updated_ms=NOW - TTL)),
+           NOW, CONNECTIONS)
+    assert e.counts_connection("u1", "c1", NOW)
+    assert e.counts_connection("u1", "c2", NOW)  # exactly CACHE_TTL old still counts
+    assert not e.counts_connection("u1", "c2", NOW + 1)
+    assert not e.counts_connection("u1", "c9", NOW)
+    assert not e.counts_connection("u2", "c1", NOW)
