@@ -19,8 +19,8 @@ from contextlib import contextmanager, suppress
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["READY_TIMEOUT", "STOP_TIMEOUT", "Failed", "emulator", "free_port", "ready", "stop",
-           "with_database"]
+__all__ = ["READY_TIMEOUT", "STOP_TIMEOUT", "Failed", "OutOfTime", "budget", "emulator",
+           "free_port", "ready", "speaks_nats", "stop", "with_database"]
 
 READY_TIMEOUT: Final = 60.0
 """Seconds for the emulator or presenced to come up."""
@@ -30,6 +30,44 @@ STOP_TIMEOUT: Final = 10.0
 
 class Failed(Exception):
     """A process did not start, or did not do what the measurement needs."""
+
+
+class OutOfTime(Failed):
+    """A benchmark's --budget passed."""
+
+
+@contextmanager
+def budget(seconds: float) -> Iterator[None]:
+    """Raise :class:`OutOfTime` in the main thread once ``seconds`` have passed, and turn
+    SIGTERM into ``SystemExit`` (so every ``finally`` runs and stops what was started);
+    both undone on exit. For benchmarks run as scripts."""
+
+    def out_of_time(signum: int, frame: object) -> None:
+        raise OutOfTime(f"--budget of {seconds:g} s passed")
+
+    def terminated(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGALRM, out_of_time), signal.signal(
+        signal.SIGTERM, terminated
+    )
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+
+
+def speaks_nats(port: int) -> bool:
+    """True when something on 127.0.0.1:``port`` speaks NATS (greets with ``INFO``)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.settimeout(1)
+            return s.recv(4).startswith(b"INFO")
+    except OSError:
+        return False
 
 
 def free_port() -> int:

@@ -58,8 +58,6 @@ import os
 import queue
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -72,7 +70,6 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any, Final
 
 from pymongo import MongoClient
@@ -80,9 +77,11 @@ from pymongo import MongoClient
 from presenced.testing.processes import (
     READY_TIMEOUT,
     Failed,
+    budget,
     emulator,
     free_port,
     ready,
+    speaks_nats,
     stop,
     with_database,
 )
@@ -101,10 +100,6 @@ NATS_CANDIDATES: Final = ("/usr/sbin/nats-server", "/usr/bin/nats-server",
 
 STARTED: list[subprocess.Popen[Any]] = []
 """Every process started, so that main can stop any a signal left running."""
-
-
-class OutOfTime(Failed):
-    """--budget passed."""
 
 
 # -------------------------------------------------------------------------------- can it run
@@ -167,15 +162,6 @@ def nats(workdir: Path) -> Iterator[tuple[str, subprocess.Popen[Any]]]:
         yield f"nats://127.0.0.1:{port}", proc
     finally:
         stop(proc)
-
-
-def speaks_nats(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.settimeout(1)
-            return s.recv(4).startswith(b"INFO")
-    except OSError:
-        return False
 
 
 @dataclass
@@ -557,17 +543,8 @@ def main() -> int:
         print(f"SKIP broker benchmark: {reason}")
         return 0
 
-    def out_of_time(signum: int, frame: FrameType | None) -> None:
-        raise OutOfTime(f"--budget of {args.budget:g} s passed")
-
-    def terminated(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)  # unwinds through every finally: processes stopped
-
-    signal.signal(signal.SIGALRM, out_of_time)
-    signal.signal(signal.SIGTERM, terminated)
-    signal.setitimer(signal.ITIMER_REAL, args.budget)
     try:
-        with tempfile.TemporaryDirectory(prefix="presenced-broker-") as tmp, \
+        with budget(args.budget), tempfile.TemporaryDirectory(prefix="presenced-broker-") as tmp, \
                 emulator("--oplog-size", str(oplog_size(args)), started=STARTED) as url:
             measured = run(url, STARTED[-1], args, settings, Path(tmp))
     except Failed as exc:
@@ -577,7 +554,6 @@ def main() -> int:
         print("broker benchmark interrupted", file=sys.stderr)
         return 130
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         for proc in reversed(STARTED):  # normally stopped already; not if a signal cut short
             stop(proc)
     return report(measured, args)

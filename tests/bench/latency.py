@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from pymongo import MongoClient
@@ -50,6 +48,8 @@ from pymongo.change_stream import ChangeStream
 from presenced.testing.processes import (
     READY_TIMEOUT,
     Failed,
+    OutOfTime,
+    budget,
     emulator,
     free_port,
     ready,
@@ -62,10 +62,6 @@ Doc = dict[str, Any]
 TARGET_P99_MS = 50.0  # on the change-stream feed
 MARKER = "bench_marker"  # a collection presenced ignores; its insert closes a run
 STEPS = ("online", "away", "offline")  # each user in turn: connect, set away, disconnect
-
-
-class OutOfTime(Failed):
-    """--budget passed."""
 
 
 STARTED: list[subprocess.Popen[Any]] = []
@@ -354,19 +350,10 @@ def main() -> int:
     if not feeds or any(f not in ("changestream", "oplog") for f in feeds):
         ap.error("--feeds takes changestream, oplog or both")
 
-    def out_of_time(signum: int, frame: FrameType | None) -> None:
-        raise OutOfTime(f"--budget of {args.budget:g} s passed")
-
-    def terminated(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)  # unwinds through every finally: processes stopped
-
-    signal.signal(signal.SIGALRM, out_of_time)
-    signal.signal(signal.SIGTERM, terminated)
-    signal.setitimer(signal.ITIMER_REAL, args.budget)
     deadline = time.monotonic() + args.budget
     results: list[Result] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="presenced-latency-") as tmp, \
+        with budget(args.budget), tempfile.TemporaryDirectory(prefix="presenced-latency-") as tmp, \
                 emulator(started=STARTED) as url:
             for feed in feeds:
                 results.append(run_feed(url, feed, args, Path(tmp), deadline))
@@ -374,7 +361,6 @@ def main() -> int:
         print(f"latency benchmark could not measure: {exc}", file=sys.stderr)
         return 2
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         for proc in STARTED:  # normally stopped already; not if a signal cut a cleanup short
             stop(proc)
     passed = report(results, args)

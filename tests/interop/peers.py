@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -34,7 +33,7 @@ from typing import IO, Any, Final
 
 import pytest
 
-from presenced.testing.processes import STOP_TIMEOUT, free_port, stop
+from presenced.testing.processes import STOP_TIMEOUT, free_port, speaks_nats, stop
 
 __all__ = ["NODE_DIR", "PEER_JS", "NatsServer", "NodePeer", "PeerError", "PeerFailed",
            "nats_server", "node_peers_available"]
@@ -88,16 +87,6 @@ def _find_nats_server() -> str | None:
     return None
 
 
-def _accepts_nats(port: int) -> bool:
-    """True when something on ``port`` speaks NATS (greets with ``INFO``)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.settimeout(1)
-            return s.recv(4).startswith(b"INFO")
-    except OSError:
-        return False
-
-
 class NatsServer:
     """A nats-server on 127.0.0.1; ``stop()`` and ``start()`` restart it on the same port."""
 
@@ -128,7 +117,7 @@ class NatsServer:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 break
-            if _accepts_nats(self.port):
+            if speaks_nats(self.port):
                 return
             time.sleep(0.05)
         self.stop()

@@ -35,12 +35,11 @@
 
 "use strict";
 
-const { Console } = require("node:console");
-globalThis.console = new Console({ stdout: process.stderr, stderr: process.stderr });
+const { keepStdoutForProtocol, rocketChatBroker } = require("./rocketchat-broker");
+
+keepStdoutForProtocol();
 
 const readline = require("node:readline");
-const EJSON = require("ejson");
-const { ServiceBroker, Serializers } = require("moleculer");
 
 function usage(message) {
 	process.stderr.write(`bench.js: ${message}\n`);
@@ -74,16 +73,6 @@ function parseArgs(argv) {
 }
 
 const opts = parseArgs(process.argv.slice(2));
-
-class EJSONSerializer extends Serializers.Base {
-	serialize(obj) {
-		return Buffer.from(EJSON.stringify(obj));
-	}
-
-	deserialize(buf) {
-		return EJSON.parse(buf.toString());
-	}
-}
 
 function emit(obj) {
 	process.stdout.write(JSON.stringify(obj) + "\n");
@@ -135,19 +124,8 @@ function onStatus(ctx) {
 	}
 }
 
-const broker = new ServiceBroker({
-	nodeID: opts.nodeId,
-	namespace: "",
-	transporter: opts.url,
-	serializer: new EJSONSerializer(),
-	logger: { type: "Console", options: { level: opts.logLevel, colors: false } },
-	registry: { strategy: "RoundRobin", preferLocal: true },
-	requestTimeout: opts.requestTimeout * 1000,
-	retryPolicy: { enabled: false },
-	maxCallLevel: 100,
-	heartbeatInterval: 10,
-	heartbeatTimeout: 30,
-	bulkhead: { enabled: false }
+const broker = rocketChatBroker({
+	url: opts.url, nodeID: opts.nodeId, logLevel: opts.logLevel, requestTimeout: opts.requestTimeout
 });
 
 broker.createService({ name: `listener-${opts.nodeId}`, events: { "presence.status": onStatus } });

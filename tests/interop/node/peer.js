@@ -41,13 +41,12 @@
 
 "use strict";
 
-// Moleculer's Console logger writes with console.log: keep stdout for the protocol only.
-const { Console } = require("node:console");
-globalThis.console = new Console({ stdout: process.stderr, stderr: process.stderr });
+const { EJSON, keepStdoutForProtocol, rocketChatBroker } = require("./rocketchat-broker");
+
+keepStdoutForProtocol();
 
 const readline = require("node:readline");
-const EJSON = require("ejson");
-const { ServiceBroker, Serializers, Errors } = require("moleculer");
+const { Errors } = require("moleculer");
 
 function usage(message) {
 	process.stderr.write(`peer.js: ${message}\n`);
@@ -109,17 +108,6 @@ function parseArgs(argv) {
 
 const opts = parseArgs(process.argv.slice(2));
 
-// Rocket.Chat's serializer: EJSON text in a Buffer, so Dates and binary survive the wire.
-class EJSONSerializer extends Serializers.Base {
-	serialize(obj) {
-		return Buffer.from(EJSON.stringify(obj));
-	}
-
-	deserialize(buf) {
-		return EJSON.parse(buf.toString());
-	}
-}
-
 // Rocket.Chat's errors cross the broker as Meteor.Error (errorType, reason, details,
 // isClientSafe on the plain error); restore them the way its CustomRegenerator does.
 class MeteorError extends Error {
@@ -173,28 +161,16 @@ function emit(obj) {
 	process.stdout.write(line + "\n");
 }
 
-const broker = new ServiceBroker({
-	nodeID: opts.nodeID || undefined,
+const broker = rocketChatBroker({
+	url: opts.url,
+	nodeID: opts.nodeID,
 	namespace: opts.namespace,
-	transporter: opts.url,
-	cacher: "Memory",
-	serializer: opts.serializer === "EJSON" ? new EJSONSerializer() : "JSON",
-	logger: { type: "Console", options: { level: opts.logLevel, colors: false } },
-	registry: { strategy: "RoundRobin", preferLocal: true },
-	requestTimeout: opts.requestTimeout * 1000,
-	retryPolicy: {
-		enabled: false,
-		retries: 5,
-		delay: 100,
-		maxDelay: 1000,
-		factor: 2,
-		check: err => err && !!err.retryable
-	},
-	maxCallLevel: 100,
+	serializer: opts.serializer,
+	logLevel: opts.logLevel,
+	requestTimeout: opts.requestTimeout,
 	heartbeatInterval: opts.heartbeatInterval,
 	heartbeatTimeout: opts.heartbeatTimeout,
-	bulkhead: { enabled: false, concurrency: 10, maxQueueSize: 10000 },
-	errorRegenerator: new MeteorAwareRegenerator()
+	extra: { errorRegenerator: new MeteorAwareRegenerator() }
 });
 
 if (opts.listen.length) {
