@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,21 @@ def add_user(db: Db, uid: str, username: str, **fields: Any) -> None:
         "_id": uid, "username": username, "type": "user", "active": True, "roles": ["user"],
         "status": "offline", "statusConnection": "offline", **fields,
     })
+
+
+@contextmanager
+def caller_and_listener(
+    nats: NatsServer, daemon: DaemonProcess, caller_id: str
+) -> Iterator[tuple[NodePeer, NodePeer]]:
+    """A caller node that sees the presence service, and a presence.status listener that
+    presenced sees."""
+    with NodePeer(nats.url, caller_id) as caller, NodePeer(
+        nats.url, "rc-listener", listen=["presence.status"]
+    ) as listener:
+        caller.wait_for_services(["presence"])
+        wait_for(lambda: "rc-listener" in broker(daemon)["nodes"], 10,
+                 "presenced sees the listener", daemon=daemon)
+        yield caller, listener
 
 
 def user_doc(db: Db, uid: str) -> dict[str, Any]:
@@ -106,12 +122,7 @@ def test_every_action_with_rocketchat_arguments(
     add_user(db, "u1", "alice", statusText="writing code")
     add_user(db, "u2", "bob")
     daemon = start_daemon(TRANSPORTER=nats.url, **BROKER)
-    with NodePeer(nats.url, "rc-caller") as caller, NodePeer(
-        nats.url, "rc-listener", listen=["presence.status"]
-    ) as listener:
-        caller.wait_for_services(["presence"])
-        wait_for(lambda: "rc-listener" in broker(daemon)["nodes"], 10,
-                 "presenced sees the listener", daemon=daemon)
+    with caller_and_listener(nats, daemon, "rc-caller") as (caller, listener):
         alice = {"_id": "u1", "username": "alice", "statusText": "writing code",
                  "roles": ["user"]}
 
@@ -217,12 +228,7 @@ def test_stale_connections_are_announced_once_when_they_expire(
 ) -> None:
     add_user(db, "u1", "alice")
     daemon = start_daemon(TRANSPORTER=nats.url, **{**BROKER, "CACHE_TTL": "2"})
-    with NodePeer(nats.url, "rc-caller") as caller, NodePeer(
-        nats.url, "rc-listener", listen=["presence.status"]
-    ) as listener:
-        caller.wait_for_services(["presence"])
-        wait_for(lambda: "rc-listener" in broker(daemon)["nodes"], 10,
-                 "presenced sees the listener", daemon=daemon)
+    with caller_and_listener(nats, daemon, "rc-caller") as (caller, listener):
         caller.call("presence.newConnection", ["u1", "s1", "rc-a"])
         online = listener.wait_event(lambda e: e["event"] == "presence.status", timeout=5)
         offline = listener.wait_event(
@@ -246,12 +252,7 @@ def test_a_killed_node_loses_its_connections_after_the_heartbeat_timeout(
     add_user(db, "u1", "alice")
     add_user(db, "u2", "bob")
     daemon = start_daemon(TRANSPORTER=nats.url, **BROKER)
-    with NodePeer(nats.url, "ddp-streamer-1") as ddp, NodePeer(
-        nats.url, "rc-listener", listen=["presence.status"]
-    ) as listener:
-        ddp.wait_for_services(["presence"])
-        wait_for(lambda: "rc-listener" in broker(daemon)["nodes"], 10,
-                 "presenced sees the listener", daemon=daemon)
+    with caller_and_listener(nats, daemon, "ddp-streamer-1") as (ddp, listener):
         # ddp-streamer passes its own broker node id as the connection's instance.
         ddp.call("presence.newConnection", ["u1", "c1", "ddp-streamer-1"])
         ddp.call("presence.newConnection", ["u2", "c2", "ddp-streamer-1"])
