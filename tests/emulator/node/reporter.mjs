@@ -1,7 +1,7 @@
 // A node:test reporter for the pytest wrapper (tests/emulator/test_node_driver.py): one JSON
-// line per test (suites left out) with its path of suite names, its outcome, the todo or
-// skip reason, the error's message and a failed assertion's actual value, and the
-// diagnostics it printed (t.diagnostic).
+// line per test (suites left out, unless skipped whole) with its path of suite names, its
+// outcome, the todo or skip reason, the error's message and a failed assertion's actual
+// value, and the diagnostics it printed (t.diagnostic).
 //
 //   node --test --test-reporter=./reporter.mjs --test-reporter-destination=results.jsonl
 //
@@ -40,13 +40,15 @@ export default async function* reporter(source) {
       stacks.set(data.file, stack);
     } else if (type === 'test:pass' || type === 'test:fail') {
       yield* flush();
-      if (data.details?.type === 'suite') continue;
+      const skipped = data.skip !== undefined && data.skip !== false;
+      // A suite is left out, unless skipped as a whole (its tests are then never reported).
+      if (data.details?.type === 'suite' && !skipped) continue;
       const stack = stacks.get(data.file) ?? [];
       const path = [...stack.slice(0, data.nesting), data.name];
       const failed = type === 'test:fail';
       let outcome = failed ? 'fail' : 'pass';
-      if (data.todo !== undefined && data.todo !== false) outcome = failed ? 'todo' : 'todo-pass';
-      else if (data.skip !== undefined && data.skip !== false) outcome = 'skip';
+      if (skipped) outcome = 'skip';
+      else if (data.todo !== undefined && data.todo !== false) outcome = failed ? 'todo' : 'todo-pass';
       const reason = (value) => (typeof value === 'string' ? value : value ? '' : undefined);
       const error = data.details?.error;
       const cause = error?.cause ?? error;
