@@ -2,7 +2,8 @@
 # so `make test` and `make demo` work on a fresh machine with only python3.11 and make.
 # The interop tests' real peers come along too, best effort (a missing one makes those tests
 # skip with its reason, never the build fail): nats-server from Debian's packages, and the
-# Node.js Moleculer peers' modules with `npm ci` when node and npm are there.
+# Node.js Moleculer peers' modules with `npm ci` when node and npm are there; so do the
+# MongoDB Node.js drivers of the emulator's driver suite (tests/emulator/node), the same way.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,6 +12,8 @@ PYTEST_ARGS ?=
 NODE_PEERS := tests/interop/node
 NATS_STAMP := $(VENV)/.nats-server
 NPM_STAMP := $(NODE_PEERS)/node_modules/.npm-ci
+NODE_DRIVERS := tests/emulator/node
+DRIVERS_NPM_STAMP := $(NODE_DRIVERS)/node_modules/.npm-ci
 
 .PHONY: all install peers test test-unit test-emulator test-integration test-interop bench lint \
 	demo clean
@@ -55,7 +58,19 @@ $(NPM_STAMP): $(NODE_PEERS)/package-lock.json | $(BIN)/python
 		echo "npm ci in $(NODE_PEERS) failed ($(NPM_LOG)); the interop tests will skip"; \
 	fi
 
-peers: $(NATS_STAMP) $(NPM_STAMP)
+# The MongoDB Node.js drivers (Rocket.Chat's 6.16 and newer ones under npm aliases) for the
+# emulator's driver suite, the same way.
+DRIVERS_NPM_LOG := $(VENV)/npm-ci-emulator-node.log
+$(DRIVERS_NPM_STAMP): $(NODE_DRIVERS)/package-lock.json | $(BIN)/python
+	@if ! command -v npm >/dev/null 2>&1; then \
+		echo "npm: not installed; the Node.js driver suite will skip"; \
+	elif (cd $(NODE_DRIVERS) && npm ci --no-audit --no-fund) >$(DRIVERS_NPM_LOG) 2>&1; then \
+		touch $@; \
+	else \
+		echo "npm ci in $(NODE_DRIVERS) failed ($(DRIVERS_NPM_LOG)); the Node.js driver suite will skip"; \
+	fi
+
+peers: $(NATS_STAMP) $(NPM_STAMP) $(DRIVERS_NPM_STAMP)
 
 install: $(STAMP) peers
 
@@ -65,7 +80,7 @@ test: $(STAMP) peers
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-test-emulator: $(STAMP)
+test-emulator: $(STAMP) $(DRIVERS_NPM_STAMP)
 	$(BIN)/python -m pytest tests/emulator $(PYTEST_ARGS)
 
 test-interop: $(STAMP) peers
@@ -83,4 +98,4 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache \
-		$(NODE_PEERS)/node_modules
+		$(NODE_PEERS)/node_modules $(NODE_DRIVERS)/node_modules
