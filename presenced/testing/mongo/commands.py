@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bson import Int64, ObjectId
+from bson import Int64, ObjectId, Timestamp
 from bson.binary import Binary
 from mongomock_ng.filtering import filter_applies
 from pymongo.errors import DuplicateKeyError, OperationFailure
@@ -24,6 +24,7 @@ from presenced.testing.mongo.cursors import (
     ChangeStreamCursor,
     Cursor,
     CursorRegistry,
+    History,
     ListCursor,
     OplogCursor,
     StreamScope,
@@ -38,6 +39,7 @@ from presenced.testing.mongo.storage import (
     Transaction,
     WriteOutcome,
 )
+from presenced.testing.mongo.topology import Topology
 
 Document = dict[str, Any]
 
@@ -55,8 +57,6 @@ class ServerIdentity:
     port: int
     replica_set: str | None  # None: a standalone server
     started: float = field(default_factory=time.time)
-    #: topologyVersion.processId: new at every start, as a restarted mongod's is.
-    process_id: ObjectId = field(default_factory=ObjectId)
 
     @property
     def address(self) -> str:
@@ -99,6 +99,12 @@ class SessionFields:
 class ConnectionInfo:
     id: int
     app_name: str | None = None
+    #: "hello" or "isMaster" when its last request was that command with exhaustAllowed
+    #: (a driver's streaming monitor), else None.
+    exhaust: str | None = None
+    #: The cluster time of the last write it made (MongoDB's per-client lastOp): a
+    #: retryable write that fails without moving it gets NoWritesPerformed.
+    last_op: Timestamp | None = None
 
 
 @dataclass
@@ -140,6 +146,11 @@ class Context:
     fail_point: FailPoint
     stopping: Callable[[], bool]
     connection_stats: Callable[[], Document]
+    topology: Topology
+    #: The change history this store holds (which resume tokens it accepts).
+    history: History
+    #: Whether the data outlives the process (a snapshot file is kept).
+    persistent: bool = False
 
 
 Handler = Callable[[Context, ConnectionInfo, str, Document], Document]
@@ -436,7 +447,7 @@ def hello_reply(ctx: Context, conn: ConnectionInfo, legacy: bool, cmd: Document)
     if cmd.get("helloOk"):
         reply["helloOk"] = True
     reply["ismaster" if legacy else "isWritablePrimary"] = True
-    reply["topologyVersion"] = {"processId": ident.process_id, "counter": Int64(0)}
+    reply["topologyVersion"] = ctx.topology.version.document()
     if ident.replica_set is not None:
         reply.update(
             {
@@ -521,7 +532,7 @@ def _build_info(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> D
         "bits": 64,
         "debug": False,
         "maxBsonObjectSize": MAX_BSON_SIZE,
-        "storageEngines": ["inMemory"],
+        "storageEngines": ["devnull", "wiredTiger"],
         "javascriptEngine": "none",
         "modules": [],
         "ok": 1.0,
@@ -558,6 +569,21 @@ def _server_status(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -
         "localTime": ctx.storage.now(),
         "connections": ctx.connection_stats(),
         "opcounters": {k: Int64(v) for k, v in ctx.storage.opcounters.items()},
+        # As MongoDB 7.0's WiredTiger reports it (Rocket.Chat shows storageEngine.name);
+        # persistent only when a snapshot keeps the data across restarts.
+        "storageEngine": {
+            "name": "wiredTiger",
+            "supportsCommittedReads": True,
+            "oldestRequiredTimestampForCrashRecovery": (
+                ctx.storage.operation_time if ctx.storage.replicated else Timestamp(0, 0)
+            ),
+            "supportsPendingDrops": True,
+            "dropPendingIdents": Int64(0),
+            "supportsSnapshotReadConcern": True,
+            "readOnly": False,
+            "persistent": ctx.persistent,
+            "backupCursorOpen": False,
+        },
     }
     if ident.replica_set is not None:
         reply["repl"] = {
@@ -1030,7 +1056,7 @@ def _change_stream(
             raise CommandError(
                 ErrorCodeIllegalStage, f"Stage {name} is not permitted in a $changeStream pipeline"
             )
-    cursor = ChangeStreamCursor(ctx.storage, ns, scope, opts, list(pipeline[1:]))
+    cursor = ChangeStreamCursor(ctx.storage, ns, scope, opts, list(pipeline[1:]), ctx.history)
     batch = cursor.first_batch(ctx.storage, batch_size)
     keep = not cursor.exhausted
     if keep:
