@@ -35,6 +35,7 @@ from presenced.testing.mongo.storage import (
     OPLOG_NS,
     TXN_ABORTED,
     TXN_COMMITTED,
+    TXN_IN_PROGRESS,
     Storage,
     Transaction,
     WriteOutcome,
@@ -192,11 +193,12 @@ def cluster_time_fields(storage: Storage) -> Document:
 
 def run(
     ctx: Context, conn: ConnectionInfo, db: str, cmd: Document,
-    session: SessionFields | None = None,
+    session: SessionFields | None = None, *, secondary_ok: bool = False,
 ) -> Document:
     """Execute one command and return its reply (without cluster time fields).
 
-    ``session`` carries the command's lsid / txnNumber / autocommit / startTransaction.
+    ``session`` carries the command's lsid / txnNumber / autocommit / startTransaction;
+    ``secondary_ok`` whether its read preference lets a secondary answer.
     """
     name = command_name(cmd)
     storage = ctx.storage
@@ -205,6 +207,8 @@ def run(
         raise CommandError(
             20, "Transaction numbers are only allowed on a replica set member or mongos"
         )
+    if storage.replicated and not ctx.topology.primary:
+        _refuse_on_a_secondary(name, secondary_ok)
     if name in ("commitTransaction", "abortTransaction"):
         storage.opcounters["command"] += 1
         return _finish_transaction(ctx, db, name, session)
@@ -240,6 +244,38 @@ def run(
             extra={k: v for k, v in first.items() if k != "index"},
         )
     return reply
+
+
+# -- replica set state -----------------------------------------------------------------
+#: What a secondary refuses: every write (10107 NotWritablePrimary), and reads unless the
+#: read preference allows a secondary (13435 NotPrimaryNoSecondaryOk). The rest (hello,
+#: serverStatus, getMore of an open cursor, killCursors...) it answers.
+_PRIMARY_WRITES = frozenset(
+    {"insert", "update", "delete", "findAndModify", "create", "drop", "dropDatabase",
+     "createIndexes", "dropIndexes", "deleteIndexes", "renameCollection", "collMod",
+     "commitTransaction", "abortTransaction"}
+)
+_PRIMARY_READS = frozenset(
+    {"find", "aggregate", "count", "distinct", "listCollections", "listIndexes",
+     "listDatabases", "dbStats", "collStats"}
+)
+
+
+def _refuse_on_a_secondary(name: str, secondary_ok: bool) -> None:
+    if name in _PRIMARY_WRITES:
+        raise CommandError(10107, "not primary")
+    if name in _PRIMARY_READS and not secondary_ok:
+        raise CommandError(13435, "not primary and secondaryOk=false")
+
+
+def step_down(ctx: Context, seconds: float) -> None:
+    """The member steps down for ``seconds``: its transactions in progress abort (as
+    MongoDB's do at a stepdown), then it answers as a secondary until it steps up."""
+    storage = ctx.storage
+    for state in list(storage.sessions.values()):
+        if state.txn is not None and state.txn.state == TXN_IN_PROGRESS:
+            storage.abort_transaction(state.txn)
+    ctx.topology.step_down(seconds)
 
 
 # -- transactions ----------------------------------------------------------------------
@@ -443,29 +479,31 @@ def hello_reply(ctx: Context, conn: ConnectionInfo, legacy: bool, cmd: Document)
     ts = storage.operation_time
     now = storage.now()
     ident = ctx.identity
+    version, primary = ctx.topology.state()
     reply: Document = {}
     if cmd.get("helloOk"):
         reply["helloOk"] = True
-    reply["ismaster" if legacy else "isWritablePrimary"] = True
-    reply["topologyVersion"] = ctx.topology.version.document()
+    reply["ismaster" if legacy else "isWritablePrimary"] = primary
+    reply["topologyVersion"] = version.document()
     if ident.replica_set is not None:
-        reply.update(
-            {
-                "hosts": [ident.address],
-                "setName": ident.replica_set,
-                "setVersion": 1,
-                "secondary": False,
-                "primary": ident.address,
-                "me": ident.address,
-                "electionId": ELECTION_ID,
-                "lastWrite": {
-                    "opTime": {"ts": ts, "t": Int64(1)},
-                    "lastWriteDate": now,
-                    "majorityOpTime": {"ts": ts, "t": Int64(1)},
-                    "majorityWriteDate": now,
-                },
-            }
-        )
+        member: Document = {
+            "hosts": [ident.address],
+            "setName": ident.replica_set,
+            "setVersion": 1,
+            "secondary": not primary,
+        }
+        if primary:  # a secondary of a set without a primary names none
+            member["primary"] = ident.address
+        member["me"] = ident.address
+        if primary:
+            member["electionId"] = ELECTION_ID
+        member["lastWrite"] = {
+            "opTime": {"ts": ts, "t": Int64(1)},
+            "lastWriteDate": now,
+            "majorityOpTime": {"ts": ts, "t": Int64(1)},
+            "majorityWriteDate": now,
+        }
+        reply.update(member)
     reply.update(
         {
             "maxBsonObjectSize": MAX_BSON_SIZE,
@@ -586,16 +624,20 @@ def _server_status(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -
         },
     }
     if ident.replica_set is not None:
-        reply["repl"] = {
+        primary = ctx.topology.primary
+        repl: Document = {
             "setName": ident.replica_set,
             "setVersion": 1,
-            "isWritablePrimary": True,
-            "secondary": False,
+            "isWritablePrimary": primary,
+            "secondary": not primary,
             "hosts": [ident.address],
-            "primary": ident.address,
-            "me": ident.address,
-            "electionId": ELECTION_ID,
         }
+        if primary:
+            repl["primary"] = ident.address
+        repl["me"] = ident.address
+        if primary:
+            repl["electionId"] = ELECTION_ID
+        reply["repl"] = repl
     reply["metrics"] = {"cursor": {"open": {"total": Int64(len(ctx.cursors))}}}
     reply["ok"] = 1.0
     return reply
@@ -609,17 +651,46 @@ def _repl_status(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> 
     if ident.replica_set is None:
         raise CommandError(76, "not running with --replSet")
     ts = ctx.storage.operation_time
+    state = 1 if ctx.topology.primary else 2
     return {
         "set": ident.replica_set,
         "date": ctx.storage.now(),
-        "myState": 1,
+        "myState": state,
         "term": Int64(1),
         "members": [
-            {"_id": 0, "name": ident.address, "health": 1.0, "state": 1, "stateStr": "PRIMARY",
+            {"_id": 0, "name": ident.address, "health": 1.0, "state": state,
+             "stateStr": "PRIMARY" if state == 1 else "SECONDARY",
              "optime": {"ts": ts, "t": Int64(1)}, "self": True}
         ],
         "ok": 1.0,
     }
+
+
+@command("replSetStepDown")
+def _repl_set_step_down(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Document:
+    if db != "admin":
+        raise CommandError(13, "replSetStepDown may only be run against the admin database.")
+    if ctx.identity.replica_set is None:
+        raise CommandError(76, "not running with --replSet")
+    seconds = cmd["replSetStepDown"]
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+        seconds = 60
+    catch_up = cmd.get("secondaryCatchUpPeriodSecs", 10)
+    if isinstance(catch_up, int | float) and not isinstance(catch_up, bool) and (
+        seconds < catch_up
+    ):
+        raise CommandError(2, "stepdown period must be longer than secondaryCatchUpPeriodSecs")
+    if not ctx.topology.primary:
+        raise CommandError(10107, "not primary so can't step down")
+    if not cmd.get("force"):
+        # MongoDB first waits secondaryCatchUpPeriodSecs for a secondary that never comes.
+        raise CommandError(
+            262, f"No electable secondaries caught up as of {ctx.storage.now().isoformat()}Z."
+                 " Please use the replSetStepDown command with the argument {force: true} to"
+                 " force node to step down."
+        )
+    step_down(ctx, float(seconds))
+    return {"ok": 1.0}
 
 
 @command("configureFailPoint")

@@ -108,6 +108,17 @@ class MongoEmulator:
     def close(self) -> None:
         self.stop()
 
+    def step_down(self, seconds: float = 10.0) -> None:
+        """As ``replSetStepDown: seconds, force: true``: the member is a secondary (writes
+        fail with NotWritablePrimary, primary reads with NotPrimaryNoSecondaryOk, its
+        transactions in progress abort, awaiting hellos are answered) until it steps up
+        again after ``seconds``, being the only member that can win an election."""
+        self._server.step_down(seconds)
+
+    def step_up(self) -> None:
+        """End a stepdown now."""
+        self._server.step_up()
+
     def save_snapshot(self, path: str | os.PathLike[str]) -> None:
         target = Path(path)
         with self.storage.lock:

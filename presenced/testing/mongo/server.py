@@ -145,6 +145,19 @@ class MongoServer:
             t.join(timeout=5)
         self._threads = []
 
+    def step_down(self, seconds: float) -> None:
+        """replSetStepDown with force: a secondary for ``seconds``, then primary again."""
+        if self._listener is None:
+            raise RuntimeError("the emulator is not running: start() it before step_down()")
+        if self.replica_set is None:
+            raise RuntimeError("a standalone emulator (replica_set=None) cannot step down")
+        with self.storage.lock:
+            commands.step_down(self.context, seconds)
+
+    def step_up(self) -> None:
+        """End a stepdown now (the member wins the election at once)."""
+        self.topology.step_up()
+
     def _connection_stats(self) -> dict[str, Any]:
         with self._clients_lock:
             conns = [conn for _, conn in self._clients.values()]
@@ -193,10 +206,13 @@ class MongoServer:
             if self._stopping.wait(max(0.0, min(deadlines) - time.monotonic())):
                 return
             now = time.monotonic()
+            # A secondary deletes nothing and writes no no-op: its primary would.
+            primary = self.topology.primary
             try:
                 with self.storage.lock:
                     if now >= next_ttl:
-                        self.storage.expire_ttl()
+                        if primary:
+                            self.storage.expire_ttl()
                         next_ttl = now + self.ttl_monitor_interval
                     if now >= next_cursor:
                         self.cursors.expire_idle()
@@ -205,7 +221,8 @@ class MongoServer:
                         self.storage.expire_transactions(self.transaction_lifetime)
                         next_txn = now + txn_period
                     if self.noop_interval and now >= next_noop:
-                        self.storage.noop()
+                        if primary:
+                            self.storage.noop()
                         next_noop = now + self.noop_interval
             except Exception:  # housekeeping must never die
                 logger.exception("mongo emulator: housekeeping failed")
@@ -334,7 +351,8 @@ class MongoServer:
                     reply = dict(done)
                 else:
                     before = storage.operation_time
-                    reply = commands.run(self.context, conn, db, cmd, session)
+                    reply = commands.run(self.context, conn, db, cmd, session,
+                                         secondary_ok=_secondary_ok(raw))
                     if storage.operation_time != before:
                         conn.last_op = storage.operation_time
                     if retry_key is not None:
@@ -431,6 +449,13 @@ def _exhaust_next(cmd: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any] 
         if isinstance(cursor, Mapping) and cursor.get("id"):
             return cmd
     return None
+
+
+def _secondary_ok(raw: Mapping[str, Any]) -> bool:
+    """Whether the command's $readPreference lets a secondary answer (any mode but
+    primary; none given means primary)."""
+    pref = raw.get("$readPreference")
+    return isinstance(pref, Mapping) and pref.get("mode", "primary") != "primary"
 
 
 def _departure_probe(sock: socket.socket) -> Callable[[], bool]:

@@ -1,9 +1,10 @@
 """The emulated member's place in its replica set, as ``hello`` reports it.
 
-Owns: the ``topologyVersion`` (``processId``, new at every start as a restarted mongod's
-is, and ``counter``, bumped on every change of state), and waking the awaitable hellos
-that wait for such a change (SDAM's streaming protocol). Thread-safe; never touches a
-socket or the store.
+Owns: whether the member is primary (a stepdown makes it a secondary for a while, after
+which, being the only electable member, it steps up again), the ``topologyVersion``
+(``processId``, new at every start as a restarted mongod's is, and ``counter``, bumped on
+every change of state), and waking the awaitable hellos that wait for such a change
+(SDAM's streaming protocol). Thread-safe; never touches a socket or the store.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class Topology:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._version = TopologyVersion(ObjectId(), 0)
+        self._primary = True
+        self._step_up: threading.Timer | None = None
         self._closed = False
         #: Connections waiting in an awaitable hello right now (serverStatus
         #: connections.awaitingTopologyChanges).
@@ -98,17 +101,53 @@ class Topology:
         with self._cond:
             return self._version
 
-    def changed(self) -> TopologyVersion:
-        """A change of state: bump the counter and answer every waiting hello at once."""
+    @property
+    def primary(self) -> bool:
         with self._cond:
-            self._version = TopologyVersion(self._version.process_id, self._version.counter + 1)
-            self._cond.notify_all()
-            return self._version
+            return self._primary
+
+    def state(self) -> tuple[TopologyVersion, bool]:
+        """(topologyVersion, primary), read together: what one hello reply reports."""
+        with self._cond:
+            return self._version, self._primary
+
+    def _changed(self) -> None:
+        """A change of state: bump the counter and answer every waiting hello at once.
+        Called with the condition held."""
+        self._version = TopologyVersion(self._version.process_id, self._version.counter + 1)
+        self._cond.notify_all()
+
+    def step_down(self, seconds: float) -> None:
+        """Become a secondary, and primary again after ``seconds`` (replSetStepDown with
+        force on a one-member set: no other member can win the election meanwhile)."""
+        with self._cond:
+            if self._closed or not self._primary:
+                return
+            self._primary = False
+            self._changed()
+            timer = threading.Timer(max(0.0, seconds), self.step_up)
+            timer.daemon = True
+            self._step_up = timer
+            timer.start()
+
+    def step_up(self) -> None:
+        """Win the election: primary again (nothing to do while already primary)."""
+        with self._cond:
+            if self._step_up is not None:
+                self._step_up.cancel()
+                self._step_up = None
+            if self._closed or self._primary:
+                return
+            self._primary = True
+            self._changed()
 
     def close(self) -> None:
         """The server is stopping: release every waiting hello."""
         with self._cond:
             self._closed = True
+            if self._step_up is not None:
+                self._step_up.cancel()
+                self._step_up = None
             self._cond.notify_all()
 
     def await_change(
