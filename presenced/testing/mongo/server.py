@@ -469,7 +469,9 @@ def _departure_probe(sock: socket.socket) -> Callable[[], bool]:
         try:
             if not poller.poll(0):
                 return False
-            return sock.recv(1, socket.MSG_PEEK) == b""
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
         except OSError:
             return True
 
