@@ -120,15 +120,15 @@ def test_awaitable_hello_without_exhaust_allowed_gets_one_reply(connect: Any) ->
     assert raw_wire.command(sock, {"ping": 1, "$db": "admin"})["ok"] == 1.0
 
 
-def test_plain_hello_with_exhaust_allowed_gets_one_reply(connect: Any) -> None:
-    """exhaustAllowed only allows moreToCome: a hello that is not awaitable has nothing
-    to stream."""
+def test_exhaust_hello_that_is_not_awaitable_fails(connect: Any) -> None:
+    """A hello sent with exhaustAllowed must be awaitable (mongod: 51756)."""
     sock = connect()
     _handshake(sock)
     sent = raw_wire.send(sock, {"hello": 1, "$db": "admin"}, flags=EXHAUST_ALLOWED)
     reply = raw_wire.receive(sock)
     assert reply.response_to == sent
     assert not reply.more_to_come
+    assert reply.body["code"] == 51756
     assert raw_wire.command(sock, {"ping": 1, "$db": "admin"})["ok"] == 1.0
 
 

@@ -279,7 +279,7 @@ class MongoServer:
             conn.exhaust = commands.command_name(cmd) if exhaust else None
         response_to = request.request_id
         while True:
-            result = self._execute(db, cmd, conn, gone)
+            result = self._execute(db, cmd, conn, gone, exhaust=exhaust)
             if result is None:
                 return False
             if request.more_to_come:
@@ -308,11 +308,12 @@ class MongoServer:
         return self._execute(db, cmd, conn, gone)
 
     def _execute(
-        self, db: str, raw: dict[str, Any], conn: ConnectionInfo, gone: Callable[[], bool]
+        self, db: str, raw: dict[str, Any], conn: ConnectionInfo, gone: Callable[[], bool],
+        *, exhaust: bool = False,
     ) -> dict[str, Any] | None:
         """Run one command as mongod does around its handler: failCommand, the wait of an
-        awaitable hello, retryable-write memory, then labels on a failure. None: close the
-        connection without a reply."""
+        awaitable hello, retryable-write memory, then labels on a failure. ``exhaust``: it
+        came with exhaustAllowed. None: close the connection without a reply."""
         cmd = {k: v for k, v in raw.items() if k not in GENERIC_FIELDS}
         session = SessionFields.of(raw)
         storage = self.storage
@@ -342,6 +343,11 @@ class MongoServer:
                     write_concern_error = fired.get("writeConcernError")
             if name in _HELLO:
                 awaitable = parse_awaitable_hello(cmd)
+                if exhaust and awaitable is None:
+                    raise CommandError(
+                        51756, "An isMaster or hello request with exhaust must specify"
+                               " 'maxAwaitTimeMS'"
+                    )
                 if awaitable is not None and not self.topology.await_change(awaitable, gone):
                     return None
             retry_key = self._retry_key(name, raw)
