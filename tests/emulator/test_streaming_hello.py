@@ -174,30 +174,45 @@ def test_awaitable_hello_refuses_a_negative_max_await_time(connect: Any) -> None
     assert reply["code"] in (31373, 51759)
 
 
-def test_server_counts_exhaust_hello_connections_and_waiters(
-    client: MongoClient[Any], connect: Any
-) -> None:
+@pytest.fixture
+def lone() -> Iterator[tuple[Any, MongoClient[dict[str, Any]]]]:
+    """An emulator of its own, watched by a polling client (which streams nothing), so
+    the exhaust connections it counts are only the test's."""
+    from presenced.testing.mongo import MongoEmulator
+
+    emu = MongoEmulator()
+    emu.start()
+    watcher: MongoClient[dict[str, Any]] = MongoClient(
+        emu.url, serverMonitoringMode="poll", serverSelectionTimeoutMS=10_000
+    )
+    yield emu, watcher
+    watcher.close()
+    emu.close()
+
+
+@pytest.mark.emulator_only
+def test_server_counts_exhaust_hello_connections_and_waiters(lone: Any) -> None:
     """serverStatus connections.exhaustHello / awaitingTopologyChanges (MongoDB 4.4+)."""
-    before = _status(client)
-    sock = connect()
-    tv = _handshake(sock)["topologyVersion"]
-    raw_wire.send(sock, _awaitable(tv, 60_000), flags=EXHAUST_ALLOWED)
-    assert _until(lambda: _status(client)["exhaustHello"] > before["exhaustHello"])
-    assert _status(client)["awaitingTopologyChanges"] >= 1
+    emu, watcher = lone
+    assert _status(watcher)["exhaustHello"] == 0
+    with socket.create_connection(("127.0.0.1", emu.port), timeout=10.0) as sock:
+        tv = _handshake(sock)["topologyVersion"]
+        raw_wire.send(sock, _awaitable(tv, 60_000), flags=EXHAUST_ALLOWED)
+        assert _until(lambda: _status(watcher)["exhaustHello"] == 1)
+        assert _status(watcher)["awaitingTopologyChanges"] == 1
 
 
-def test_server_lets_go_of_an_exhaust_stream_its_client_left(
-    client: MongoClient[Any], connect: Any
-) -> None:
+@pytest.mark.emulator_only
+def test_server_lets_go_of_an_exhaust_stream_its_client_left(lone: Any) -> None:
     """Closing the connection ends the stream: the waiting hello is abandoned at once,
     not after maxAwaitTimeMS (a minute here)."""
-    sock = connect()
-    tv = _handshake(sock)["topologyVersion"]
-    raw_wire.send(sock, _awaitable(tv, 60_000), flags=EXHAUST_ALLOWED)
-    assert _until(lambda: _status(client)["exhaustHello"] >= 1)
-    waiting = _status(client)["exhaustHello"]
-    sock.close()
-    assert _until(lambda: _status(client)["exhaustHello"] < waiting)
+    emu, watcher = lone
+    with socket.create_connection(("127.0.0.1", emu.port), timeout=10.0) as sock:
+        tv = _handshake(sock)["topologyVersion"]
+        raw_wire.send(sock, _awaitable(tv, 60_000), flags=EXHAUST_ALLOWED)
+        assert _until(lambda: _status(watcher)["awaitingTopologyChanges"] == 1)
+    assert _until(lambda: _status(watcher)["exhaustHello"] == 0, timeout=5.0)
+    assert _status(watcher)["awaitingTopologyChanges"] == 0
 
 
 # --------------------------------------------------------------------------- getMore
