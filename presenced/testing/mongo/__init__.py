@@ -13,6 +13,8 @@ Public API (stable; tests and ``presenced demo`` use it)::
     emu.stop()             # closes the listener and every client connection; data is kept
     emu.start()            # serves again on the same port with the same data
     emu.restart(down_seconds=0.5)
+    emu.step_down(10.0)    # replSetStepDown with force: a secondary for 10 s, then primary
+    emu.step_up()          # ... or primary again now
     emu.close()            # stop for good
     emu.port, emu.url
 

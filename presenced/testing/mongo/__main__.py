@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
 
 from presenced.testing.mongo.emulator import MongoEmulator
 
@@ -41,17 +40,22 @@ def main(argv: list[str] | None = None) -> int:
         oplog_size=args.oplog_size,
         ttl_monitor_interval=args.ttl_monitor_interval, snapshot_path=args.snapshot,
     )
+    # Only the main thread takes the stop signals, in sigwait: the serving threads inherit
+    # this mask. A signal the kernel handed to one of them could not wake a main thread
+    # blocked on a lock, and the emulator would not stop until killed.
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
-        url = emu.start()
-    except OSError as exc:
-        print(f"cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
-        return 1
-    print(f"ready {url}", flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    emu.close()
+        try:
+            url = emu.start()
+        except OSError as exc:
+            print(f"cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+            return 1
+        print(f"ready {url}", flush=True)
+        signal.sigwait(stop_signals)
+        emu.close()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return 0
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bson import Int64, ObjectId
+from bson import Int64, ObjectId, Timestamp
 from bson.binary import Binary
 from mongomock_ng.filtering import filter_applies
 from pymongo.errors import DuplicateKeyError, OperationFailure
@@ -24,6 +24,7 @@ from presenced.testing.mongo.cursors import (
     ChangeStreamCursor,
     Cursor,
     CursorRegistry,
+    History,
     ListCursor,
     OplogCursor,
     StreamScope,
@@ -34,10 +35,12 @@ from presenced.testing.mongo.storage import (
     OPLOG_NS,
     TXN_ABORTED,
     TXN_COMMITTED,
+    TXN_IN_PROGRESS,
     Storage,
     Transaction,
     WriteOutcome,
 )
+from presenced.testing.mongo.topology import Topology
 
 Document = dict[str, Any]
 
@@ -55,8 +58,6 @@ class ServerIdentity:
     port: int
     replica_set: str | None  # None: a standalone server
     started: float = field(default_factory=time.time)
-    #: topologyVersion.processId: new at every start, as a restarted mongod's is.
-    process_id: ObjectId = field(default_factory=ObjectId)
 
     @property
     def address(self) -> str:
@@ -99,6 +100,12 @@ class SessionFields:
 class ConnectionInfo:
     id: int
     app_name: str | None = None
+    #: "hello" or "isMaster" when its last request was that command with exhaustAllowed
+    #: (a driver's streaming monitor), else None.
+    exhaust: str | None = None
+    #: The cluster time of the last write it made (MongoDB's per-client lastOp): a
+    #: retryable write that fails without moving it gets NoWritesPerformed.
+    last_op: Timestamp | None = None
 
 
 @dataclass
@@ -140,6 +147,11 @@ class Context:
     fail_point: FailPoint
     stopping: Callable[[], bool]
     connection_stats: Callable[[], Document]
+    topology: Topology
+    #: The change history this store holds (which resume tokens it accepts).
+    history: History
+    #: Whether the data outlives the process (a snapshot file is kept).
+    persistent: bool = False
 
 
 Handler = Callable[[Context, ConnectionInfo, str, Document], Document]
@@ -181,11 +193,12 @@ def cluster_time_fields(storage: Storage) -> Document:
 
 def run(
     ctx: Context, conn: ConnectionInfo, db: str, cmd: Document,
-    session: SessionFields | None = None,
+    session: SessionFields | None = None, *, secondary_ok: bool = False,
 ) -> Document:
     """Execute one command and return its reply (without cluster time fields).
 
-    ``session`` carries the command's lsid / txnNumber / autocommit / startTransaction.
+    ``session`` carries the command's lsid / txnNumber / autocommit / startTransaction;
+    ``secondary_ok`` whether its read preference lets a secondary answer.
     """
     name = command_name(cmd)
     storage = ctx.storage
@@ -194,6 +207,8 @@ def run(
         raise CommandError(
             20, "Transaction numbers are only allowed on a replica set member or mongos"
         )
+    if storage.replicated and not ctx.topology.primary:
+        _refuse_on_a_secondary(name, secondary_ok)
     if name in ("commitTransaction", "abortTransaction"):
         storage.opcounters["command"] += 1
         return _finish_transaction(ctx, db, name, session)
@@ -229,6 +244,38 @@ def run(
             extra={k: v for k, v in first.items() if k != "index"},
         )
     return reply
+
+
+# -- replica set state -----------------------------------------------------------------
+#: What a secondary refuses: every write (10107 NotWritablePrimary), and reads unless the
+#: read preference allows a secondary (13435 NotPrimaryNoSecondaryOk). The rest (hello,
+#: serverStatus, getMore of an open cursor, killCursors...) it answers.
+_PRIMARY_WRITES = frozenset(
+    {"insert", "update", "delete", "findAndModify", "create", "drop", "dropDatabase",
+     "createIndexes", "dropIndexes", "deleteIndexes", "renameCollection", "collMod",
+     "commitTransaction", "abortTransaction"}
+)
+_PRIMARY_READS = frozenset(
+    {"find", "aggregate", "count", "distinct", "listCollections", "listIndexes",
+     "listDatabases", "dbStats", "collStats"}
+)
+
+
+def _refuse_on_a_secondary(name: str, secondary_ok: bool) -> None:
+    if name in _PRIMARY_WRITES:
+        raise CommandError(10107, "not primary")
+    if name in _PRIMARY_READS and not secondary_ok:
+        raise CommandError(13435, "not primary and secondaryOk=false")
+
+
+def step_down(ctx: Context, seconds: float) -> None:
+    """The member steps down for ``seconds``: its transactions in progress abort (as
+    MongoDB's do at a stepdown), then it answers as a secondary until it steps up."""
+    storage = ctx.storage
+    for state in list(storage.sessions.values()):
+        if state.txn is not None and state.txn.state == TXN_IN_PROGRESS:
+            storage.abort_transaction(state.txn)
+    ctx.topology.step_down(seconds)
 
 
 # -- transactions ----------------------------------------------------------------------
@@ -432,29 +479,31 @@ def hello_reply(ctx: Context, conn: ConnectionInfo, legacy: bool, cmd: Document)
     ts = storage.operation_time
     now = storage.now()
     ident = ctx.identity
+    version, primary = ctx.topology.state()
     reply: Document = {}
     if cmd.get("helloOk"):
         reply["helloOk"] = True
-    reply["ismaster" if legacy else "isWritablePrimary"] = True
-    reply["topologyVersion"] = {"processId": ident.process_id, "counter": Int64(0)}
+    reply["ismaster" if legacy else "isWritablePrimary"] = primary
+    reply["topologyVersion"] = version.document()
     if ident.replica_set is not None:
-        reply.update(
-            {
-                "hosts": [ident.address],
-                "setName": ident.replica_set,
-                "setVersion": 1,
-                "secondary": False,
-                "primary": ident.address,
-                "me": ident.address,
-                "electionId": ELECTION_ID,
-                "lastWrite": {
-                    "opTime": {"ts": ts, "t": Int64(1)},
-                    "lastWriteDate": now,
-                    "majorityOpTime": {"ts": ts, "t": Int64(1)},
-                    "majorityWriteDate": now,
-                },
-            }
-        )
+        member: Document = {
+            "hosts": [ident.address],
+            "setName": ident.replica_set,
+            "setVersion": 1,
+            "secondary": not primary,
+        }
+        if primary:  # a secondary of a set without a primary names none
+            member["primary"] = ident.address
+        member["me"] = ident.address
+        if primary:
+            member["electionId"] = ELECTION_ID
+        member["lastWrite"] = {
+            "opTime": {"ts": ts, "t": Int64(1)},
+            "lastWriteDate": now,
+            "majorityOpTime": {"ts": ts, "t": Int64(1)},
+            "majorityWriteDate": now,
+        }
+        reply.update(member)
     reply.update(
         {
             "maxBsonObjectSize": MAX_BSON_SIZE,
@@ -521,7 +570,7 @@ def _build_info(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> D
         "bits": 64,
         "debug": False,
         "maxBsonObjectSize": MAX_BSON_SIZE,
-        "storageEngines": ["inMemory"],
+        "storageEngines": ["devnull", "wiredTiger"],
         "javascriptEngine": "none",
         "modules": [],
         "ok": 1.0,
@@ -558,18 +607,37 @@ def _server_status(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -
         "localTime": ctx.storage.now(),
         "connections": ctx.connection_stats(),
         "opcounters": {k: Int64(v) for k, v in ctx.storage.opcounters.items()},
+        # As MongoDB 7.0's WiredTiger reports it (Rocket.Chat shows storageEngine.name);
+        # persistent only when a snapshot keeps the data across restarts.
+        "storageEngine": {
+            "name": "wiredTiger",
+            "supportsCommittedReads": True,
+            "oldestRequiredTimestampForCrashRecovery": (
+                ctx.storage.operation_time if ctx.storage.replicated else Timestamp(0, 0)
+            ),
+            "supportsPendingDrops": True,
+            "dropPendingIdents": Int64(0),
+            "supportsSnapshotReadConcern": True,
+            "readOnly": False,
+            "persistent": ctx.persistent,
+            "backupCursorOpen": False,
+        },
     }
     if ident.replica_set is not None:
-        reply["repl"] = {
+        primary = ctx.topology.primary
+        repl: Document = {
             "setName": ident.replica_set,
             "setVersion": 1,
-            "isWritablePrimary": True,
-            "secondary": False,
+            "isWritablePrimary": primary,
+            "secondary": not primary,
             "hosts": [ident.address],
-            "primary": ident.address,
-            "me": ident.address,
-            "electionId": ELECTION_ID,
         }
+        if primary:
+            repl["primary"] = ident.address
+        repl["me"] = ident.address
+        if primary:
+            repl["electionId"] = ELECTION_ID
+        reply["repl"] = repl
     reply["metrics"] = {"cursor": {"open": {"total": Int64(len(ctx.cursors))}}}
     reply["ok"] = 1.0
     return reply
@@ -583,17 +651,46 @@ def _repl_status(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> 
     if ident.replica_set is None:
         raise CommandError(76, "not running with --replSet")
     ts = ctx.storage.operation_time
+    state = 1 if ctx.topology.primary else 2
     return {
         "set": ident.replica_set,
         "date": ctx.storage.now(),
-        "myState": 1,
+        "myState": state,
         "term": Int64(1),
         "members": [
-            {"_id": 0, "name": ident.address, "health": 1.0, "state": 1, "stateStr": "PRIMARY",
+            {"_id": 0, "name": ident.address, "health": 1.0, "state": state,
+             "stateStr": "PRIMARY" if state == 1 else "SECONDARY",
              "optime": {"ts": ts, "t": Int64(1)}, "self": True}
         ],
         "ok": 1.0,
     }
+
+
+@command("replSetStepDown")
+def _repl_set_step_down(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Document:
+    if db != "admin":
+        raise CommandError(13, "replSetStepDown may only be run against the admin database.")
+    if ctx.identity.replica_set is None:
+        raise CommandError(76, "not running with --replSet")
+    seconds = cmd["replSetStepDown"]
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+        seconds = 60
+    catch_up = cmd.get("secondaryCatchUpPeriodSecs", 10)
+    if isinstance(catch_up, int | float) and not isinstance(catch_up, bool) and (
+        seconds < catch_up
+    ):
+        raise CommandError(2, "stepdown period must be longer than secondaryCatchUpPeriodSecs")
+    if not ctx.topology.primary:
+        raise CommandError(10107, "not primary so can't step down")
+    if not cmd.get("force"):
+        # MongoDB first waits secondaryCatchUpPeriodSecs for a secondary that never comes.
+        raise CommandError(
+            262, f"No electable secondaries caught up as of {ctx.storage.now().isoformat()}Z."
+                 " Please use the replSetStepDown command with the argument {force: true} to"
+                 " force node to step down."
+        )
+    step_down(ctx, float(seconds))
+    return {"ok": 1.0}
 
 
 @command("configureFailPoint")
@@ -1030,7 +1127,7 @@ def _change_stream(
             raise CommandError(
                 ErrorCodeIllegalStage, f"Stage {name} is not permitted in a $changeStream pipeline"
             )
-    cursor = ChangeStreamCursor(ctx.storage, ns, scope, opts, list(pipeline[1:]))
+    cursor = ChangeStreamCursor(ctx.storage, ns, scope, opts, list(pipeline[1:]), ctx.history)
     batch = cursor.first_batch(ctx.storage, batch_size)
     keep = not cursor.exhausted
     if keep:

@@ -2,21 +2,24 @@
 
 Owns: what a cursor remembers between ``getMore`` calls, how a batch is cut, how an
 awaitData cursor waits (on the store's condition variable, never by polling), resume
-tokens, and how oplog records become change events (a transaction's ``applyOps`` record
-becomes one event per inner operation, all at the record's clusterTime, each with
-``lsid``/``txnNumber`` and a resume token of its own: the operation's index). Called
-with ``Storage.lock`` held; ``wait`` releases it while sleeping. Never touches sockets.
+tokens and the history they can resume from (``History``: a token names the branch of
+history that issued it, so a server refuses one whose history it does not hold), and how
+oplog records become change events (a transaction's ``applyOps`` record becomes one event
+per inner operation, all at the record's clusterTime, each with ``lsid``/``txnNumber``
+and a resume token of its own: the operation's index). Called with ``Storage.lock`` held;
+``wait`` releases it while sleeping. Never touches sockets.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import bson
 from bson import Timestamp
@@ -38,9 +41,13 @@ DEFAULT_AWAIT_MS = 1000
 
 
 # -- resume tokens -------------------------------------------------------------------
-# Opaque to clients, as in MongoDB. Ours: hex of (ts.time, ts.inc, event index, kind).
+# Opaque to clients, as in MongoDB. Ours: hex of (ts.time, ts.inc, event index, kind,
+# branch of history). A token of the layout before the branch was added (11 bytes) names
+# no history, so no server holds it.
 TOKEN_EVENT, TOKEN_HIGH_WATER_MARK, TOKEN_INVALIDATE = 0, 1, 2
-_TOKEN = struct.Struct(">IIHB")
+_TOKEN = struct.Struct(">IIHB8s")
+_UNBRANCHED_TOKEN = struct.Struct(">IIHB")
+BRANCH_BYTES = 8
 
 
 @dataclass(frozen=True, order=True)
@@ -48,19 +55,74 @@ class TokenPosition:
     ts: Timestamp
     index: int
     kind: int
+    #: The branch of history that issued the token (b"" for an unbranched token).
+    branch: bytes = b""
 
 
-def encode_token(ts: Timestamp, index: int, kind: int) -> Document:
-    return {"_data": _TOKEN.pack(ts.time, ts.inc, index, kind).hex().upper()}
+def encode_token(ts: Timestamp, index: int, kind: int, branch: bytes) -> Document:
+    return {"_data": _TOKEN.pack(ts.time, ts.inc, index, kind, branch).hex().upper()}
 
 
 def decode_token(token: Any) -> TokenPosition:
     try:
         raw = bytes.fromhex(token["_data"])
-        t, i, index, kind = _TOKEN.unpack(raw)
+        if len(raw) == _UNBRANCHED_TOKEN.size:
+            t, i, index, kind = _UNBRANCHED_TOKEN.unpack(raw)
+            branch = b""
+        else:
+            t, i, index, kind, branch = _TOKEN.unpack(raw)
     except Exception as exc:
         raise CommandError(260, f"Invalid resume token: {token!r}") from exc
-    return TokenPosition(Timestamp(t, i), index, kind)
+    return TokenPosition(Timestamp(t, i), index, kind, branch)
+
+
+@dataclass
+class History:
+    """Which change history this store holds, so resume tokens from elsewhere fail.
+
+    Each life of the data is a branch with an id of its own: a store made empty starts a
+    new one, and so does one loaded from a snapshot, since the life that saved the snapshot
+    may have carried on (and issued tokens) after saving. A loaded store also holds its
+    ancestors' history up to the cluster time each was saved at. A token resumes only if
+    its branch is this one, or an ancestor and the token is no newer than that ancestor's
+    save.
+    """
+
+    branch: bytes = field(default_factory=lambda: os.urandom(BRANCH_BYTES))
+    #: branch id -> the last cluster time of that branch this store holds.
+    ancestors: dict[bytes, Timestamp] = field(default_factory=dict)
+
+    #: At most this many ancestors are kept in a snapshot (the oldest are dropped).
+    MAX_ANCESTORS: ClassVar[int] = 1000
+
+    def holds(self, pos: TokenPosition) -> bool:
+        if pos.branch == self.branch:
+            return True
+        saved = self.ancestors.get(pos.branch)
+        return saved is not None and pos.ts <= saved
+
+    def lineage(self, saved_at: Timestamp, lost: Timestamp | None) -> list[tuple[bytes, Timestamp]]:
+        """What a snapshot taken now records: the ancestors and this branch up to
+        ``saved_at``, leaving out those whose every token is older than ``lost`` (the newest
+        cluster time the oplog no longer holds)."""
+        entries = [*self.ancestors.items(), (self.branch, saved_at)]
+        if lost is not None:
+            entries = [(b, ts) for b, ts in entries if ts > lost]
+        return entries[-self.MAX_ANCESTORS :]
+
+    @classmethod
+    def descended_from(cls, lineage: Any) -> History:
+        """A new branch holding the history a snapshot's ``lineage`` recorded (none for a
+        snapshot without one)."""
+        ancestors: dict[bytes, Timestamp] = {}
+        if isinstance(lineage, list):
+            for entry in lineage:
+                if (
+                    isinstance(entry, tuple) and len(entry) == 2
+                    and isinstance(entry[0], bytes) and isinstance(entry[1], Timestamp)
+                ):
+                    ancestors[entry[0]] = entry[1]
+        return cls(ancestors=ancestors)
 
 
 # -- base ----------------------------------------------------------------------------
@@ -302,14 +364,14 @@ def parse_change_stream_stage(spec: Any, *, cluster: bool) -> ChangeStreamOption
 class ChangeStreamCursor(Cursor):
     def __init__(
         self, storage: Storage, ns: str, scope: StreamScope, opts: ChangeStreamOptions,
-        pipeline: list[Document],
+        pipeline: list[Document], history: History,
     ) -> None:
         super().__init__(ns)
         self.scope = scope
         self.opts = opts
         self.pipeline = pipeline
+        self.branch = history.branch
         oplog = storage.oplog
-        lost = oplog.last_evicted_ts
         self.skip_through: TokenPosition | None = None
         if opts.resume_after is not None or opts.start_after is not None:
             token = opts.resume_after if opts.resume_after is not None else opts.start_after
@@ -320,7 +382,10 @@ class ChangeStreamCursor(Cursor):
                     "Attempting to resume a change stream using 'resumeAfter' is not allowed"
                     " from an invalidate notification.",
                 )
-            if lost is not None and lost >= pos.ts:
+            # A token of another server life (or of a tail its snapshot never saw) names
+            # history this store does not hold, however its cluster time compares.
+            lost = oplog.last_evicted_ts
+            if not history.holds(pos) or (lost is not None and lost >= pos.ts):
                 raise _history_lost()
             if pos.kind == TOKEN_HIGH_WATER_MARK:
                 self.next_seq = oplog.seq_after(pos.ts)
@@ -329,15 +394,18 @@ class ChangeStreamCursor(Cursor):
                 self.skip_through = pos
             self.hwm = pos.ts
         elif opts.start_at is not None:
-            if lost is not None and lost >= opts.start_at:
+            if _before_history(storage, opts.start_at):
                 raise _history_lost()
             self.next_seq = oplog.seq_after(opts.start_at, inclusive=True)
             self.hwm = Timestamp(opts.start_at.time, max(opts.start_at.inc - 1, 0))
         else:
             self.next_seq = oplog.next_seq
             self.hwm = storage.clock.last
-        self.token: Document = encode_token(self.hwm, 0, TOKEN_HIGH_WATER_MARK)
+        self.token: Document = self._token(self.hwm, 0, TOKEN_HIGH_WATER_MARK)
         self._pending: list[Document] = []
+
+    def _token(self, ts: Timestamp, index: int, kind: int) -> Document:
+        return encode_token(ts, index, kind, self.branch)
 
     def extra_reply(self) -> Document:
         return {"postBatchResumeToken": self.token}
@@ -443,7 +511,7 @@ class ChangeStreamCursor(Cursor):
                     self.skip_through.ts, self.skip_through.index
                 ):
                     continue
-                token = encode_token(pos.ts, pos.index, pos.kind)
+                token = self._token(pos.ts, pos.index, pos.kind)
                 ev = {"_id": token, **ev}
                 for out in self._apply_pipeline(storage, ev):
                     batch.append(out)
@@ -457,7 +525,7 @@ class ChangeStreamCursor(Cursor):
                 return batch
         if storage.clock.last > self.hwm:
             self.hwm = storage.clock.last
-        self.token = encode_token(self.hwm, 0, TOKEN_HIGH_WATER_MARK)
+        self.token = self._token(self.hwm, 0, TOKEN_HIGH_WATER_MARK)
         return batch
 
     def _apply_pipeline(self, storage: Storage, ev: Document) -> list[Document]:
@@ -512,6 +580,19 @@ def _flatten_apply_ops(ops: list[Any]) -> list[Mapping[str, Any]]:
         else:
             out.append(inner)
     return out
+
+
+def _before_history(storage: Storage, ts: Timestamp) -> bool:
+    """Whether a stream starting at ``ts`` (startAtOperationTime) needs entries the oplog
+    no longer, or never, held: some at or after ``ts`` were evicted, or its oldest entry is
+    newer than ``ts`` (MongoDB's test; a new replica set's oldest entry is its "initiating
+    set" no-op). A resume token needs no such test: its branch says whose history it is."""
+    oplog = storage.oplog
+    lost = oplog.last_evicted_ts
+    if lost is not None and lost >= ts:
+        return True
+    oldest = next(iter(oplog.records_from(oplog.first_seq)), None)
+    return oldest is not None and oldest.ts > ts
 
 
 def _history_lost() -> CommandError:

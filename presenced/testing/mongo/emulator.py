@@ -1,9 +1,10 @@
 """MongoEmulator: start, stop and restart the emulated replica set from Python.
 
 Owns: the lifetime of one emulated server (its storage survives stop/start, and is
-saved to / loaded from a snapshot file when one is given), and whether it is a one-node
-replica set (the default) or, with ``replica_set=None``, a standalone mongod (no oplog,
-no change streams, no transactions, no cluster time). Never used by the daemon.
+saved to / loaded from a snapshot file when one is given, with the lineage of change
+history it holds), a new replica set's "initiating set" oplog entry, and whether it is a
+one-node replica set (the default) or, with ``replica_set=None``, a standalone mongod (no
+oplog, no change streams, no transactions, no cluster time). Never used by the daemon.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from presenced.testing.mongo.cursors import History
 from presenced.testing.mongo.server import MongoServer
 from presenced.testing.mongo.storage import Storage
+
+#: The snapshot's entry for the History lineage (beside what Storage.dump() writes).
+_HISTORY_KEY = "history_lineage"
 
 
 class MongoEmulator:
@@ -49,11 +54,24 @@ class MongoEmulator:
         self.storage = Storage(oplog_size, replicated=replica_set is not None)
         if self.snapshot_path is not None and self.snapshot_path.exists():
             with self.snapshot_path.open("rb") as f:
-                self.storage.load(pickle.load(f))
+                data = pickle.load(f)
+            self.storage.load(data)
+            # A new branch of history that holds what the snapshot's lives held.
+            history = History.descended_from(data.get(_HISTORY_KEY))
+        else:
+            history = History()
+            if self.storage.replicated:
+                # As rs.initiate() does: the new set's oldest entry, newer than any
+                # position another replica set (or an earlier emulator) gave out, so a
+                # reader resuming from one sees its history is not here.
+                with self.storage.lock:
+                    self.storage.noop("initiating set")
+        self.history = history
         self._server = MongoServer(
             self.storage, host=host, port=port, replica_set=replica_set,
             ttl_monitor_interval=ttl_monitor_interval, noop_interval=noop_interval,
             cursor_timeout=cursor_timeout, transaction_lifetime=transaction_lifetime,
+            history=history, persistent=self.snapshot_path is not None,
         )
         self.running = False
 
@@ -90,10 +108,24 @@ class MongoEmulator:
     def close(self) -> None:
         self.stop()
 
+    def step_down(self, seconds: float = 10.0) -> None:
+        """As ``replSetStepDown: seconds, force: true``: the member is a secondary (writes
+        fail with NotWritablePrimary, primary reads with NotPrimaryNoSecondaryOk, its
+        transactions in progress abort, awaiting hellos are answered) until it steps up
+        again after ``seconds``, being the only member that can win an election."""
+        self._server.step_down(seconds)
+
+    def step_up(self) -> None:
+        """End a stepdown now."""
+        self._server.step_up()
+
     def save_snapshot(self, path: str | os.PathLike[str]) -> None:
         target = Path(path)
         with self.storage.lock:
             data = self.storage.dump()
+            data[_HISTORY_KEY] = self.history.lineage(
+                self.storage.clock.last, self.storage.oplog.last_evicted_ts
+            )
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)

@@ -1,9 +1,10 @@
 """MongoDB wire protocol framing, without sockets (sans-io).
 
-Owns: parsing requests (OP_MSG with kind-0 and kind-1 sections, the checksum and
-moreToCome flags; the legacy OP_QUERY that drivers use for the first handshake) and
-encoding replies (OP_MSG, OP_REPLY). It must never touch a socket, a lock or the store:
-the server feeds it bytes and sends what it returns.
+Owns: parsing requests (OP_MSG with kind-0 and kind-1 sections, the checksum,
+moreToCome and exhaustAllowed flags; the legacy OP_QUERY that drivers use for the first
+handshake) and encoding replies (OP_MSG, with moreToCome for an exhaust stream;
+OP_REPLY). It must never touch a socket, a lock or the store: the server feeds it bytes
+and sends what it returns.
 """
 
 from __future__ import annotations
@@ -185,8 +186,13 @@ def _parse_op_query(request_id: int, body: bytes) -> Request:
     )
 
 
-def encode_op_msg(request_id: int, response_to: int, reply: dict[str, Any]) -> bytes:
-    payload = struct.pack("<I", 0) + b"\x00" + bson.encode(reply, codec_options=CODEC)
+def encode_op_msg(
+    request_id: int, response_to: int, reply: dict[str, Any], *, more_to_come: bool = False
+) -> bytes:
+    """An OP_MSG reply; ``more_to_come`` marks one of an exhaust stream that another
+    follows (whose ``response_to`` is then this one's ``request_id``)."""
+    flags = FLAG_MORE_TO_COME if more_to_come else 0
+    payload = struct.pack("<I", flags) + b"\x00" + bson.encode(reply, codec_options=CODEC)
     return HEADER.pack(HEADER.size + len(payload), request_id, response_to, OP_MSG) + payload
 
 
