@@ -51,11 +51,6 @@ describe('a resume token from another server life', { skip: SKIP || SKIP_SPAWN, 
   for (const driver of DRIVERS) {
     test(
       `${driver.label}: resumeAfter fails with 286 ChangeStreamHistoryLost`,
-      {
-        todo:
-          'issue 9 item 6: the fresh emulator accepts the old token: the stream opens and' +
-          ' tryNext() resolves null',
-      },
       async () => {
         const client = await connect(driver, {}, second.url);
         try {

@@ -27,7 +27,6 @@ for (const driver of DRIVERS) {
 
     test(
       "storageEngine.name, read as Rocket.Chat's getMongoInfo does",
-      { todo: 'issue 9 item 2: serverStatus has no storageEngine (Rocket.Chat shows "unknown")' },
       async () => {
         const { version, storageEngine } = await db.command({ serverStatus: 1 });
         assert.match(version, /^\d+\.\d+\.\d+/);
