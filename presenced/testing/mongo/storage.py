@@ -1,10 +1,11 @@
 """The emulator's data: databases, collections, indexes and the oplog.
 
 Owns: every document the emulator holds, the catalog (which collections exist, their
-UUIDs and options), the logical clock, the oplog (one entry per write, MongoDB's
-format), the opcounters, and multi-document transactions (per-session state; a
-transaction's writes are applied at once but logged as one ``applyOps`` entry at commit,
-and its first before-images let an abort put every touched document back).
+UUIDs and options), the oplog entry of every write (MongoDB's format; the clock and
+the oplog itself are :mod:`.oplog`'s), the opcounters, and multi-document transactions
+(per-session state; a transaction's writes are applied at once but logged as one
+``applyOps`` entry at commit, and its first before-images let an abort put every
+touched document back).
 mongomock-ng is the query and update engine underneath; this module adds what it lacks:
 O(1) access by ``_id``, capture of each write's before/after images (turned into oplog
 entries with ``$v: 2`` diffs), a TTL monitor that runs on a period like MongoDB's instead
@@ -17,7 +18,6 @@ so a command is atomic with respect to every other.
 
 from __future__ import annotations
 
-import bisect
 import copy
 import datetime as dt
 import threading
@@ -39,6 +39,7 @@ from mongomock_ng.filtering import filter_applies
 
 from presenced.testing.mongo.diff import compute_v2_diff
 from presenced.testing.mongo.errors import CommandError
+from presenced.testing.mongo.oplog import LogicalClock, Oplog, OplogRecord
 
 Document = dict[str, Any]
 
@@ -308,114 +309,6 @@ def sort_documents(docs: list[Document], sort: list[tuple[str, Any]]) -> list[Do
 mm_filtering._get_compare_type = _compare_type
 mm_store.CollectionStore = _CollectionStore
 mm_database.Collection = _Collection
-
-
-# --------------------------------------------------------------------------------------
-# Logical clock and oplog
-# --------------------------------------------------------------------------------------
-
-
-class LogicalClock:
-    """Cluster time: Timestamp(seconds, increment), strictly increasing per tick."""
-
-    def __init__(self, wall: Callable[[], float] = time.time) -> None:
-        self._wall = wall
-        self.last = Timestamp(int(wall()), 0)
-
-    def tick(self) -> Timestamp:
-        now = int(self._wall())
-        if now > self.last.time:
-            self.last = Timestamp(now, 1)
-        else:
-            self.last = Timestamp(self.last.time, self.last.inc + 1)
-        return self.last
-
-
-@dataclass(slots=True)
-class OplogRecord:
-    seq: int
-    ts: Timestamp
-    entry: Document
-    #: Images kept only for collections with changeStreamPreAndPostImages enabled. For a
-    #: transaction's applyOps entry: one image (or None) per inner operation, in order.
-    pre: Any = None
-    post: Any = None
-
-
-class Oplog:
-    """A bounded, ordered history of writes: the emulator's ``local.oplog.rs``.
-
-    Records have a sequence number; the list keeps a logical head so eviction is
-    amortised O(1). ``last_evicted_ts`` tells readers whether history they need is gone.
-    """
-
-    def __init__(self, max_entries: int) -> None:
-        if max_entries < 1:
-            raise ValueError("oplog_size must be at least 1")
-        self.max_entries = max_entries
-        self._items: list[OplogRecord] = []
-        self._offset = 0  # seq of _items[0]
-        self._head = 0  # index of the first retained record
-        self.last_evicted_ts: Timestamp | None = None
-
-    @property
-    def first_seq(self) -> int:
-        return self._offset + self._head
-
-    @property
-    def next_seq(self) -> int:
-        return self._offset + len(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items) - self._head
-
-    def append(self, ts: Timestamp, entry: Document, pre: Any = None, post: Any = None) -> None:
-        self._items.append(OplogRecord(self.next_seq, ts, entry, pre, post))
-        while len(self) > self.max_entries:
-            self.last_evicted_ts = self._items[self._head].ts
-            self._head += 1
-        if self._head > 1024 and self._head * 2 > len(self._items):
-            del self._items[: self._head]
-            self._offset += self._head
-            self._head = 0
-
-    def get(self, seq: int) -> OplogRecord | None:
-        i = seq - self._offset
-        if self._head <= i < len(self._items):
-            return self._items[i]
-        return None
-
-    def records_from(self, seq: int) -> Iterator[OplogRecord]:
-        i = max(seq - self._offset, self._head)
-        items = self._items
-        while i < len(items):
-            yield items[i]
-            i += 1
-
-    def seq_after(self, ts: Timestamp, inclusive: bool = False) -> int:
-        """Seq of the first record with ts > ts (>= when inclusive)."""
-        find = bisect.bisect_left if inclusive else bisect.bisect_right
-        i = find(self._items, ts, lo=self._head, key=lambda r: r.ts)
-        return self._offset + i
-
-    def last_ts(self) -> Timestamp | None:
-        return self._items[-1].ts if len(self) else None
-
-    def dump(self) -> dict[str, Any]:
-        return {
-            "records": [(r.ts, r.entry, r.pre, r.post) for r in self._items[self._head :]],
-            "first_seq": self.first_seq,
-            "last_evicted_ts": self.last_evicted_ts,
-        }
-
-    def load(self, state: Mapping[str, Any]) -> None:
-        self._offset = state["first_seq"]
-        self._head = 0
-        self.last_evicted_ts = state["last_evicted_ts"]
-        self._items = [
-            OplogRecord(self._offset + i, ts, entry, pre, post)
-            for i, (ts, entry, pre, post) in enumerate(state["records"])
-        ]
 
 
 # --------------------------------------------------------------------------------------
