@@ -498,6 +498,9 @@ class DocumentTable(dict[Any, Document]):
     brings a key up to date when a write failed between the two.
     """
 
+    #: Past this share of the collection, candidates are not worth their lookup: scan.
+    scan_share = 0.5
+
     def __init__(self) -> None:
         super().__init__()
         self.paths: dict[str, PathIndex] = {"_id": PathIndex("_id")}
@@ -606,7 +609,7 @@ class DocumentTable(dict[Any, Document]):
             rest = {k: v for k, v in filter.items() if k != "_id"}
             return docs, rest or None
         keys = _Planner(self).filter(filter)
-        if keys is None or len(keys) * 2 > len(self):
+        if keys is None or len(keys) > self.scan_share * len(self):
             return list(self.values()), filter
         if len(keys) * 16 < len(self):
             seq = self._seq
