@@ -37,7 +37,9 @@ from presenced.testing.mongo._mongomock import (
     MISSING,
     Capture,
     CaptureSlot,
+    PreparedFilters,
     new_client,
+    run_pipeline,
     sort_documents,
     store_key,
 )
@@ -184,6 +186,7 @@ class Storage:
         #: The write statement running on each thread of this storage (its capture).
         self._captures = CaptureSlot()
         self._mm: Any = new_client(self._captures)
+        self._filters = PreparedFilters()
         self._index_extra: dict[tuple[str, str, str], Document] = {}
         #: Sessions that used a txnNumber, by lsid id bytes (oldest first).
         self.sessions: dict[bytes, SessionState] = {}
@@ -542,7 +545,7 @@ class Storage:
         return list(mm_aggregate_process(docs, self._mm[db], pipeline))
 
     def apply_pipeline(self, db: str, docs: list[Document], pipeline: list[Document]) -> list[Any]:
-        return list(mm_aggregate_process(docs, self._mm[db], pipeline))
+        return run_pipeline(docs, self._mm[db], pipeline, self._filters)
 
     def count(self, db: str, coll: str) -> int:
         if self.info(db, coll) is None:
