@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from mongomock_ng.filtering import filter_applies
 
 from presenced.testing.mongo.indexes import DocumentTable, lookup_entries
-from presenced.testing.mongo.storage import Storage, Transaction
+from presenced.testing.mongo.storage import Storage, Transaction, sort_documents
 
 Doc = dict[str, Any]
 DB, COLL = "db", "c"
@@ -234,6 +234,40 @@ def test_find_through_indexes_returns_what_a_scan_returns(
     seed(storage, data.draw(st.lists(words.documents, min_size=4, max_size=30)))
     for query in data.draw(st.lists(words.queries, min_size=4, max_size=12)):
         assert_find_equals_scan(storage, query)
+
+
+# _id values of every type the _id index orders (False is free: 0 is stored as "k000").
+ODD_IDS = [None, False, 2.5, OID_1, DAY_1, "", "zz", -7]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), pool=pools, indexes=index_sets,
+       odd_ids=st.lists(st.sampled_from(ODD_IDS), unique_by=repr, max_size=4),
+       direction=st.sampled_from([1, -1]), skip=st.integers(0, 3), limit=st.integers(0, 6))
+def test_a_sort_on_id_returns_the_order_and_page_a_full_sort_gives(
+    data: st.DataObject, pool: list[Any], indexes: frozenset[str], odd_ids: list[Any],
+    direction: int, skip: int, limit: int,
+) -> None:
+    words = Vocabulary(pool)
+    storage = new_storage(sorted(indexes))
+    seed(storage, data.draw(st.lists(words.documents, min_size=2, max_size=30)))
+    for _id in odd_ids:
+        storage.insert(DB, COLL, {"_id": _id, **data.draw(words.documents)})
+    queries = data.draw(st.lists(words.queries, min_size=2, max_size=8))
+    queries += [{"_id": {"$gt": "k003"}}, {"$and": [{"_id": {"$type": "string", "$gt": "k"}},
+                                                    {"a": {"$exists": True}}]},
+                {"_id": {"$gte": 2, "$lt": 10}}, {"_id": {"$lte": DAY_1}}]
+    sort = [("_id", direction)]
+    for query in queries:
+        try:
+            matched = [d for d in list(table(storage).values()) if filter_applies(query, d)]
+        except Exception as exc:
+            _, raised = run_query(storage, query)
+            assert raised is type(exc), query
+            continue
+        expected = ids(sort_documents(matched, sort))[skip:skip + limit if limit else None]
+        got = ids(storage.find(DB, COLL, query, sort=sort, skip=skip, limit=limit))
+        assert got == expected, (query, sort, skip, limit)
 
 
 @settings(max_examples=100, deadline=None)

@@ -32,6 +32,7 @@ from mongomock_ng import filtering as mm_filtering
 from mongomock_ng import helpers as mm_helpers
 from mongomock_ng import store as mm_store
 from mongomock_ng.filtering import filter_applies
+from mongomock_ng.geospatial import extract_near_specs
 
 from presenced.testing.mongo.indexes import DocumentTable, DuplicateKey
 
@@ -267,10 +268,40 @@ class _Collection(mm_collection.Collection):  # type: ignore[misc]
     def select(self, filter: Mapping[str, Any], projection: Any, sort: Any, skip: int,
                limit: int) -> list[Document]:
         """find's documents (copies, projected), in one pass: skip and limit stop the
-        copying early; sorting reads every match."""
+        copying early; a sort on ``_id`` alone walks the ``_id`` index (and stops at the
+        limit), any other sort reads every match."""
         spec = mm_helpers.patch_datetime_awareness_in_document(filter)
-        dataset = self._get_dataset(spec, sort, projection, dict)
+        dataset = self._by_id(spec, sort, projection)
+        if dataset is None:
+            dataset = self._get_dataset(spec, sort, projection, dict)
         return list(itertools.islice(dataset, skip, skip + limit if limit else None))
+
+    def _by_id(self, spec: Any, sort: Any, projection: Any) -> Iterator[Document] | None:
+        table = self._store._documents
+        if not isinstance(table, DocumentTable) or not isinstance(spec, Mapping):
+            return None
+        keys = list(sort.items()) if isinstance(sort, Mapping) else list(sort or ())
+        if len(keys) != 1 or not isinstance(keys[0], tuple | list) or keys[0][0] != "_id":
+            return None
+        direction = keys[0][1]
+        if direction not in (1, -1) or extract_near_specs(spec)[0]:
+            return None
+        walk = table.by_id(spec, descending=direction == -1)
+        if walk is None:
+            return None
+        return self._project_matches(walk, spec, projection)
+
+    def _project_matches(self, docs: Iterator[Document], spec: Mapping[str, Any],
+                         projection: Any) -> Iterator[Document]:
+        matched = False
+        for doc in docs:
+            if filter_applies(spec, doc):
+                matched = True
+                result = self._copy_only_fields(doc, projection, dict, filter=spec)
+                if result is not None:
+                    yield result
+        if not matched:
+            filter_applies(spec, {})  # raises on an invalid filter, as a scan does
 
 
 # -------------------------------------------------------------------------- $match

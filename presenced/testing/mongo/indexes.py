@@ -329,10 +329,10 @@ class _Planner:
                 best = found
         return best
 
-    def filter(self, filter: Mapping[str, Any]) -> set[Any] | None:
+    def filter(self, filter: Mapping[str, Any], skip: str | None = None) -> set[Any] | None:
         best: set[Any] | None = None
         for path, cond in _conjuncts(filter):
-            if any(part.isdigit() for part in path.split(".")):
+            if path == skip or any(part.isdigit() for part in path.split(".")):
                 continue
             found = self.clause(path, cond)
             if found is not None and (best is None or len(found) < len(best)):
@@ -360,6 +360,40 @@ def id_lookup(filter: Mapping[str, Any]) -> list[Any] | None:
             return None
         value = value["$eq"]
     return [value] if _id_value(value) else None
+
+
+Bound = tuple[str, Any]
+
+
+def _id_bounds(filter: Mapping[str, Any]) -> tuple[int | None, Bound | None, Bound | None]:
+    """The type, lower and upper bound that the first ``_id`` clause with a range sets.
+    ``_id`` is never an array, so every operator of the clause holds of one value: a
+    range keeps to its operand's type, and two bounds of that type intersect (an
+    operator of another type can only leave nothing, which the filter decides)."""
+    for path, cond in _conjuncts(filter):
+        if path != "_id" or not isinstance(cond, Mapping):
+            continue
+        rank: int | None = None
+        low: Bound | None = None
+        high: Bound | None = None
+        for op, operand in cond.items():
+            if op not in ("$gt", "$gte", "$lt", "$lte"):
+                continue
+            op_rank = _rank(operand)
+            if op_rank is None or op_rank == _NULL or (
+                    type(operand) is float and math.isnan(operand)):
+                continue
+            if rank is None:
+                rank = op_rank
+            if op_rank != rank:
+                continue
+            if op in ("$gt", "$gte"):
+                low = low or (op, operand)
+            else:
+                high = high or (op, operand)
+        if rank is not None:
+            return rank, low, high
+    return None, None, None
 
 
 def _id_value(value: Any) -> bool:
@@ -616,6 +650,50 @@ class DocumentTable(dict[Any, Document]):
             ordered = sorted((k for k in keys if k in seq), key=seq.__getitem__)
             return [self[k] for k in ordered], filter
         return [doc for k, doc in self.items() if k in keys], filter
+
+    def by_id(self, filter: Mapping[str, Any], descending: bool) -> Iterator[Document] | None:
+        """The documents in ``_id`` order, the order mongomock-ng's sort on ``_id`` gives
+        (BSON type order, then value; ``_id`` values are unique, so no ties), lazily, a
+        superset of the filter's matches: a range on ``_id`` starts and ends the walk
+        within its type. None when sorting the candidates is cheaper (an ``_id`` lookup,
+        or another clause an index narrows to a few documents), or when some ``_id`` is
+        of a type the index does not order."""
+        index = self.paths["_id"]
+        postings = index.postings
+        if any(marker in postings for marker in (UNORDERED, NAN, MISSING, EMPTY)):
+            return None
+        if id_lookup(filter) is not None:
+            return None
+        narrowed = _Planner(self).filter(filter, skip="_id")
+        if narrowed is not None and len(narrowed) * 8 < len(self):
+            return None
+        ranks = ([_NULL] if (_NULL, None) in postings else []) + sorted(index.ordered)
+        rank, low, high = _id_bounds(filter)
+        if rank is not None:
+            ranks = [rank] if rank in ranks else []
+        return self._walk_ids(ranks, low, high, descending)
+
+    def _walk_ids(self, ranks: list[int], low: Bound | None, high: Bound | None,
+                  descending: bool) -> Iterator[Document]:
+        index = self.paths["_id"]
+        for rank in reversed(ranks) if descending else ranks:
+            if rank == _NULL:
+                values: list[Any] = [None]
+            else:
+                values = index.ordered.get(rank, [])
+                start, end = 0, len(values)
+                if low is not None and _rank(low[1]) == rank:
+                    find = bisect.bisect_right if low[0] == "$gt" else bisect.bisect_left
+                    start = find(values, low[1])
+                if high is not None and _rank(high[1]) == rank:
+                    find = bisect.bisect_left if high[0] == "$lt" else bisect.bisect_right
+                    end = find(values, high[1])
+                values = values[start:end]
+            for value in reversed(values) if descending else values:
+                for key in _keys(index.postings.get((rank, value), _ABSENT)):
+                    doc = self.get(key)
+                    if doc is not None:
+                        yield doc
 
     def unique_clash(
         self, key: Any, doc: Mapping[str, Any]
