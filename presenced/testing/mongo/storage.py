@@ -393,7 +393,7 @@ class Storage:
 
             doc = {"_id": ObjectId(), **doc}
         mmc = self._mm[db][coll]
-        with self._capturing(mmc, f"{db}.{coll}") as cap:
+        with self._capturing(mmc, f"{db}.{coll}", in_place=False) as cap:
             mmc.insert_one(doc)
         self._record(db, coll, cap, replacement=False)
         self.opcounters["insert"] += 1
@@ -447,7 +447,7 @@ class Storage:
         if self.info(db, coll) is None:
             return WriteOutcome()
         mmc: Any = self._mm[db][coll]
-        with self._capturing(mmc, f"{db}.{coll}") as cap:
+        with self._capturing(mmc, f"{db}.{coll}", in_place=False) as cap:
             result = mmc._delete(filter, multi=multi)
         self._record(db, coll, cap, replacement=False)
         return WriteOutcome(deleted=result["n"])
@@ -684,10 +684,11 @@ class Storage:
         runs; on the way out the touched documents' indexes are settled, and a refused
         duplicate becomes MongoDB's E11000 error."""
 
-        def __init__(self, slot: CaptureSlot, cap: Capture, ns: str) -> None:
+        def __init__(self, slot: CaptureSlot, cap: Capture, ns: str, in_place: bool) -> None:
             self.slot = slot
             self.cap = cap
             self.ns = ns
+            self.in_place = in_place
 
         def __enter__(self) -> Capture:
             if self.slot.active is not None:
@@ -697,15 +698,20 @@ class Storage:
 
         def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
             self.slot.active = None
-            self.cap.settle()
+            if self.in_place:
+                self.cap.settle()
             if isinstance(exc, DuplicateKeyError):
                 raise _duplicate_key_error(exc, self.ns) from None
 
-    def _capturing(self, mmc: Any, ns: str, *, first_only: bool = False) -> Storage._CaptureScope:
+    def _capturing(self, mmc: Any, ns: str, *, first_only: bool = False,
+                   in_place: bool = True) -> Storage._CaptureScope:
+        """A write statement's scope. ``in_place``: it may change stored documents in
+        place (updates do; inserts and deletes only store and remove whole documents),
+        so their indexes are settled when it ends."""
         table: DocumentTable = mmc._store._documents
         cap = Capture(table)
         cap.first_only = first_only
-        return Storage._CaptureScope(self._captures, cap, ns)
+        return Storage._CaptureScope(self._captures, cap, ns, in_place)
 
     def _record(
         self, db: str, coll: str, cap: Capture, *, replacement: bool, pipeline: bool = False
