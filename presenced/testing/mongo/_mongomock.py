@@ -18,7 +18,6 @@ documents match (mongomock-ng's ``filter_applies`` does); print.
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import itertools
 import threading
 from collections.abc import Iterator, Mapping
@@ -304,80 +303,6 @@ class _Collection(mm_collection.Collection):  # type: ignore[misc]
             filter_applies(spec, {})  # raises on an invalid filter, as a scan does
 
 
-# -------------------------------------------------------------------------- $match
-
-def _needs_patch(value: Any) -> bool:
-    """Whether mongomock-ng's patch_datetime_awareness_in_document would change
-    ``value`` (aware or sub-millisecond datetimes, Timestamp(0, 0), tuples)."""
-    # Loops, not any(): no generator per node (this runs on every change event).
-    t = type(value)
-    if t is dict:
-        for v in value.values():  # noqa: SIM110
-            if _needs_patch(v):
-                return True
-        return False
-    if t is list:
-        for v in value:  # noqa: SIM110
-            if _needs_patch(v):
-                return True
-        return False
-    if t is str or t is int or t is bool or t is float or value is None:
-        return False
-    if isinstance(value, dt.datetime):
-        return value.tzinfo is not None or value.microsecond % 1000 != 0
-    if isinstance(value, Timestamp):
-        return not value.time and not value.inc
-    if isinstance(value, Mapping):
-        return True  # another mapping type: let mongomock-ng rebuild it
-    return isinstance(value, list | tuple)
-
-
-def as_matched(doc: Any) -> Any:
-    """``doc`` as mongomock-ng's ``$match`` stage compares it (its datetimes patched), the
-    same object when that changes nothing: no copy of every event a change stream
-    filters."""
-    return mm_helpers.patch_datetime_awareness_in_document(doc) if _needs_patch(doc) else doc
-
-
-class PreparedFilters:
-    """``$match`` filters as mongomock-ng prepares them, by the identity of the stage's
-    filter (a change stream applies the same pipeline object to every event). One per
-    storage; bounded."""
-
-    def __init__(self, size: int = 256) -> None:
-        self._size = size
-        self._by_id: dict[int, tuple[Any, Any]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, spec: Any) -> Any:
-        hit = self._by_id.get(id(spec))
-        if hit is not None and hit[0] is spec:
-            return hit[1]
-        prepared = as_matched(spec)
-        with self._lock:
-            if len(self._by_id) >= self._size:
-                self._by_id.clear()
-            self._by_id[id(spec)] = (spec, prepared)  # holding spec keeps its id unique
-        return prepared
-
-
-def run_pipeline(docs: list[Document], database: Any, pipeline: list[Document],
-                 filters: PreparedFilters) -> list[Any]:
-    """mongomock-ng's aggregation of ``docs``; leading ``$match`` stages are applied here,
-    with their filter prepared once per pipeline and the documents copied only when
-    their datetimes need it (mongomock-ng prepares both for every document)."""
-    from mongomock_ng import aggregate
-
-    stages = list(pipeline)
-    while stages and isinstance(stages[0], Mapping) and len(stages[0]) == 1 and (
-            "$match" in stages[0]):
-        spec = filters.get(stages.pop(0)["$match"])
-        docs = [doc for doc in docs if filter_applies(spec, as_matched(doc))]
-    if not stages:
-        return docs
-    return list(aggregate.process_pipeline(docs, database, stages, None))
-
-
 # -------------------------------------------------------------------------- BSON order
 
 _mm_compare_type = mm_filtering._get_compare_type
@@ -415,5 +340,4 @@ mm_filtering._get_compare_type = _compare_type
 mm_database.Collection = _Collection
 
 
-__all__ = ["MISSING", "Capture", "CaptureSlot", "PreparedFilters", "as_matched", "new_client",
-           "run_pipeline", "sort_documents", "store_key"]
+__all__ = ["MISSING", "Capture", "CaptureSlot", "new_client", "sort_documents", "store_key"]

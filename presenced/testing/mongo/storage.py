@@ -37,9 +37,7 @@ from presenced.testing.mongo._mongomock import (
     MISSING,
     Capture,
     CaptureSlot,
-    PreparedFilters,
     new_client,
-    run_pipeline,
     sort_documents,
     store_key,
 )
@@ -52,6 +50,7 @@ from presenced.testing.mongo.indexes import (
     duplicate_key_message,
 )
 from presenced.testing.mongo.oplog import LogicalClock, Oplog, OplogRecord
+from presenced.testing.mongo.pipelines import PreparedFilters, run_pipeline
 
 Document = dict[str, Any]
 _MISSING = MISSING
