@@ -8,8 +8,9 @@ per-document re-slicing of the result list); unique indexes are checked through 
 keys; every document a write statement touches is reported to the capture active on
 this thread for this storage (:class:`CaptureSlot`: one per storage, per thread, so two
 emulators in one process never see each other's writes); TTL expiry is left to the
-storage's monitor; and BSON's comparison order for the types mongomock-ng does not
-rank. The process-wide patches (collection class, compare order) carry no state.
+storage's monitor; BSON's comparison order for the types mongomock-ng does not rank;
+and ``$currentDate`` storing what MongoDB stores. The process-wide patches (collection
+class, compare order, ``$currentDate``) carry no state.
 
 Must never: know about the oplog, the catalog, transactions or the wire; decide which
 documents match (mongomock-ng's ``filter_applies`` does); print.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import copy
 import itertools
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 import mongomock_ng
@@ -336,7 +337,21 @@ def sort_documents(docs: list[Document], sort: list[tuple[str, Any]]) -> list[Do
     return out
 
 
+def _current_date_updater(doc: Any, field_name: str, value: Any,
+                          codec_options: Any = None) -> None:
+    """``$currentDate`` as MongoDB stores it: a UTC date to the millisecond (mongomock-ng
+    stores an aware datetime to the microsecond, which every range query with a naive
+    bound then fails to compare)."""
+    if isinstance(doc, MutableMapping):
+        if value == {"$type": "timestamp"}:
+            doc[field_name] = mm_helpers.get_current_timestamp()
+        else:
+            doc[field_name] = mm_helpers.patch_datetime_awareness_in_document(
+                mm_helpers.utcnow())
+
+
 mm_filtering._get_compare_type = _compare_type
+mm_collection._current_date_updater = _current_date_updater
 mm_database.Collection = _Collection
 
 
