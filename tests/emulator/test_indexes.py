@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import math
 import pickle
-from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
@@ -488,9 +487,6 @@ def test_a_unique_index_is_checked_by_its_keys_not_a_scan() -> None:
     assert len(unique.holders) == 50
     assert table(storage).unique_clash(99, {"_id": 99, "u": "name7"}) is not None
     assert table(storage).unique_clash(7, {"_id": 7, "u": "name7"}) is None
-
-
-CountingCall = Callable[..., Any]
 
 
 def test_a_failed_update_leaves_the_indexes_as_the_documents_are() -> None:
