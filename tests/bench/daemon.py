@@ -79,6 +79,9 @@ def main() -> int:
                                           "status": "online", "_createdAt": now,
                                           "_updatedAt": now}]}
         for i in range(n)])
+    # Rocket.Chat's UsersSessions model indexes (the emulator uses them since issue 9).
+    db.usersSessions.create_index("connections.id", sparse=True)
+    db.usersSessions.create_index("connections.instanceId", sparse=True)
 
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,7 +136,7 @@ def main() -> int:
     print(f"start-up reconciliation: {n} users online in {startup:.1f} s ({n / startup:.0f}"
           " users/s)")
     print(f"reconnect storm: {events} connection events; Rocket.Chat's writes took "
-          f"{writes_s:.1f} s on the emulator (it scans for connections.id: no secondary "
+          f"{writes_s:.1f} s on the emulator (bulk writes of 1000, with Rocket.Chat's "
           f"indexes), presenced had processed all of them {storm_s - writes_s:.1f} s after the"
           f" last write; {online - 1} of {n} users online after it")
     print(f"MongoDB operations for the storm: presenced {presenced_ops} "

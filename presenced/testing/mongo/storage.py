@@ -1,23 +1,23 @@
-"""The emulator's data: databases, collections, indexes and the oplog.
+"""The emulator's data: databases, collections, the writes' oplog entries, transactions.
 
-Owns: every document the emulator holds, the catalog (which collections exist, their
-UUIDs and options), the logical clock, the oplog (one entry per write, MongoDB's
-format), the opcounters, and multi-document transactions (per-session state; a
-transaction's writes are applied at once but logged as one ``applyOps`` entry at commit,
-and its first before-images let an abort put every touched document back).
-mongomock-ng is the query and update engine underneath; this module adds what it lacks:
-O(1) access by ``_id``, capture of each write's before/after images (turned into oplog
-entries with ``$v: 2`` diffs), a TTL monitor that runs on a period like MongoDB's instead
-of on every read, and a catalog.
+Owns: the catalog (which collections exist, their UUIDs and options), every write
+statement (run on mongomock-ng through :mod:`._mongomock`, its before/after images
+captured and turned into one oplog entry each, ``$v: 2`` diffs for updates), the
+opcounters, index definitions (their contents live in each collection's
+:class:`~presenced.testing.mongo.indexes.DocumentTable`), the TTL monitor's pass,
+multi-document transactions (per-session state; a transaction's writes are applied at
+once but logged as one ``applyOps`` entry at commit, and its first before-images let an
+abort put every touched document back), and snapshots. The clock and the oplog itself
+are :mod:`.oplog`'s.
 
-It must never touch sockets or know the wire protocol. Every public method is called
-with ``Storage.lock`` held by the caller (the command layer takes it once per command),
-so a command is atomic with respect to every other.
+Must never: touch sockets or know the wire protocol; print (errors go to the command's
+reply, or to logging). Every public method is called with ``Storage.lock`` held by the
+caller (the command layer takes it once per command), so a command is atomic with
+respect to every other.
 """
 
 from __future__ import annotations
 
-import bisect
 import copy
 import datetime as dt
 import threading
@@ -27,137 +27,33 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import mongomock_ng
-from bson import Int64, MaxKey, MinKey, Timestamp
+from bson import Int64, Timestamp
 from bson.binary import Binary
-from mongomock_ng import collection as mm_collection
-from mongomock_ng import database as mm_database
-from mongomock_ng import filtering as mm_filtering
 from mongomock_ng import helpers as mm_helpers
-from mongomock_ng import store as mm_store
 from mongomock_ng.filtering import filter_applies
+from pymongo.errors import DuplicateKeyError
 
+from presenced.testing.mongo._mongomock import (
+    MISSING,
+    Capture,
+    CaptureSlot,
+    new_client,
+    sort_documents,
+    store_key,
+)
 from presenced.testing.mongo.diff import compute_v2_diff
 from presenced.testing.mongo.errors import CommandError
+from presenced.testing.mongo.indexes import (
+    DocumentTable,
+    DuplicateKey,
+    UniqueIndex,
+    duplicate_key_message,
+)
+from presenced.testing.mongo.oplog import LogicalClock, Oplog, OplogRecord
+from presenced.testing.mongo.pipelines import PreparedFilters, run_pipeline
 
 Document = dict[str, Any]
-
-# --------------------------------------------------------------------------------------
-# mongomock-ng hooks. mongomock keeps each collection in an OrderedDict keyed by _id but
-# scans it for every query, expires TTL documents on every read, and has no notion of a
-# write's before/after image. The subclasses below (installed into mongomock's modules,
-# which only the emulator process uses) add an _id fast path, move TTL expiry to our
-# monitor, and report every document a write touches to the active capture.
-# --------------------------------------------------------------------------------------
-
-_MISSING: Any = object()
-
-
-class _Capture:
-    """Pre-images of every document one write statement touched, in touch order."""
-
-    def __init__(self, documents: dict[Any, Any]) -> None:
-        self.documents = documents
-        self.before: dict[Any, Any] = {}
-
-    def see(self, key: Any) -> None:
-        if key not in self.before:
-            doc = self.documents.get(key, _MISSING)
-            self.before[key] = _MISSING if doc is _MISSING else copy.deepcopy(doc)
-
-
-_active_capture: _Capture | None = None
-
-
-def _store_key(value: Any) -> Any:
-    return mm_helpers.hashdict(value) if isinstance(value, dict) else value
-
-
-class _CollectionStore(mm_store.CollectionStore):  # type: ignore[misc]
-    def _remove_expired_documents(self) -> None:
-        """Disabled: Storage.expire_ttl runs on the TTL monitor's period, like MongoDB."""
-
-    def __setitem__(self, key: Any, val: Any) -> None:
-        cap = _active_capture
-        if cap is not None and cap.documents is self._documents:
-            cap.see(key)
-        super().__setitem__(key, val)
-
-    def __delitem__(self, key: Any) -> None:
-        cap = _active_capture
-        if cap is not None and cap.documents is self._documents:
-            cap.see(key)
-        super().__delitem__(key)
-
-
-def _id_candidates(filter: Any) -> list[Any] | None:
-    """The _id values a filter is restricted to, or None when it is not."""
-    if not isinstance(filter, Mapping) or "_id" not in filter:
-        return None
-    value = filter["_id"]
-    if isinstance(value, dict):
-        keys = set(value)
-        if keys == {"$in"} and isinstance(value["$in"], list):
-            values = value["$in"]
-            if any(isinstance(v, dict | list) or hasattr(v, "pattern") for v in values):
-                return None
-            return values
-        if keys == {"$eq"}:
-            value = value["$eq"]
-        elif any(k.startswith("$") for k in keys):
-            return None
-    if isinstance(value, list) or hasattr(value, "pattern"):
-        return None
-    return [value]
-
-
-class _Collection(mm_collection.Collection):  # type: ignore[misc]
-    def _iter_documents(self, filter: Any) -> Iterator[Document]:
-        documents = self._store._documents
-        ids = _id_candidates(filter)
-        if ids is None:
-            candidates = list(documents.values())
-        else:
-            seen: set[Any] = set()
-            candidates = []
-            for value in ids:
-                key = _store_key(value)
-                doc = documents.get(key)
-                if doc is not None and key not in seen:
-                    seen.add(key)
-                    candidates.append(doc)
-        if not candidates:
-            filter_applies(filter, {})  # raises on an invalid filter, as MongoDB does
-        cap = _active_capture
-        for doc in candidates:
-            if filter_applies(filter, doc):
-                if cap is not None and cap.documents is documents:
-                    cap.see(_store_key(doc["_id"]))
-                yield doc
-
-
-    def _ensure_uniques(self, new_data: Document) -> None:
-        """Unique indexes with MongoDB's multikey semantics (mongomock's do not look
-        inside arrays of documents, so ``connections.id`` would always collide)."""
-        own_key = _store_key(new_data.get("_id"))
-        for name, index in self._store.indexes.items():
-            if not index.get("unique"):
-                continue
-            spec = index["key"]
-            partial = index.get("partialFilterExpression")
-            if partial is not None and not filter_applies(partial, new_data):
-                continue
-            new_keys = index_keys(new_data, spec, bool(index.get("sparse")))
-            if not new_keys:
-                continue
-            for doc in self._store._documents.values():
-                if _store_key(doc.get("_id")) == own_key:
-                    continue
-                if partial is not None and not filter_applies(partial, doc):
-                    continue
-                clash = new_keys & index_keys(doc, spec, bool(index.get("sparse")))
-                if clash:
-                    raise duplicate_key_error(self.full_name, name, spec, next(iter(clash)))
+_MISSING = MISSING
 
 
 def _filter_paths(filter: Any) -> set[str]:
@@ -187,235 +83,6 @@ def _check_positional(filter: Any, update: Mapping[str, Any]) -> None:
                 raise CommandError(
                     2, "The positional operator did not find the match needed from the query."
                 )
-
-
-_NULL_KEY = ("null",)
-
-
-def _path_values(value: Any, parts: list[str]) -> list[Any]:
-    """Index values at a dotted path, expanding arrays as a multikey index does."""
-    if not parts:
-        if isinstance(value, list):
-            return list(value) if value else [_MISSING_ARRAY]
-        return [value]
-    head, rest = parts[0], parts[1:]
-    if isinstance(value, Mapping):
-        if head not in value:
-            return [None]
-        return _path_values(value[head], rest)
-    if isinstance(value, list):
-        if head.isdigit() and int(head) < len(value):
-            return _path_values(value[int(head)], rest)
-        out: list[Any] = []
-        for element in value:
-            if isinstance(element, Mapping | list):
-                out.extend(_path_values(element, parts))
-        return out or [None]
-    return [None]
-
-
-_MISSING_ARRAY: Any = ("emptyarray",)
-
-
-def _hashable(value: Any) -> Any:
-    if value is None:
-        return _NULL_KEY
-    if isinstance(value, bool):
-        return ("bool", value)
-    if isinstance(value, Mapping):
-        return ("doc", tuple((k, _hashable(v)) for k, v in value.items()))
-    if isinstance(value, list):
-        return ("arr", tuple(_hashable(v) for v in value))
-    try:
-        hash(value)
-    except TypeError:
-        return ("repr", repr(value))
-    return value
-
-
-def index_keys(doc: Mapping[str, Any], spec: list[tuple[str, Any]], sparse: bool) -> set[Any]:
-    """Every key a document contributes to an index ({} when a sparse index skips it)."""
-    per_field = []
-    all_missing = True
-    for path, _direction in spec:
-        values = _path_values(doc, path.split("."))
-        if any(v is not None for v in values) or mm_helpers.get_value_by_dot(
-            doc, path
-        ) is not mm_helpers.NOTHING:
-            all_missing = False
-        per_field.append({_hashable(v) for v in values})
-    if sparse and all_missing:
-        return set()
-    keys: set[Any] = {()}
-    for field_keys in per_field:
-        keys = {(*k, v) for k in keys for v in field_keys}
-    return keys
-
-
-def duplicate_key_error(ns: str, index_name: str, spec: list[tuple[str, Any]], key: Any) -> Any:
-    from pymongo.errors import DuplicateKeyError
-
-    def plain(v: Any) -> Any:
-        if v == _NULL_KEY:
-            return None
-        if isinstance(v, tuple) and len(v) == 2 and v[0] == "bool":
-            return v[1]
-        if isinstance(v, tuple) and len(v) == 2 and v[0] == "doc":
-            return {k: plain(x) for k, x in v[1]}
-        if isinstance(v, tuple) and len(v) == 2 and v[0] == "arr":
-            return [plain(x) for x in v[1]]
-        return v
-
-    key_value = {path: plain(v) for (path, _d), v in zip(spec, key, strict=True)}
-    shown = ", ".join(f"{k}: {v!r}" for k, v in key_value.items())
-    return DuplicateKeyError(
-        f"E11000 duplicate key error collection: {ns} index: {index_name} dup key: {{ {shown} }}",
-        11000,
-        {"keyPattern": {path: d for path, d in spec}, "keyValue": key_value},
-    )
-
-
-_mm_compare_type = mm_filtering._get_compare_type
-
-
-def _compare_type(value: Any) -> int:
-    """BSON comparison order for the types mongomock-ng does not rank (Timestamp is
-    between Date and RegEx; MinKey and MaxKey bound everything)."""
-    if isinstance(value, Timestamp):
-        return 47
-    if isinstance(value, MinKey):
-        return -1
-    if isinstance(value, MaxKey):
-        return 127
-    return int(_mm_compare_type(value))
-
-
-def sort_documents(docs: list[Document], sort: list[tuple[str, Any]]) -> list[Document]:
-    """Sort as MongoDB does (BSON order), for results mongomock does not sort for us."""
-    out = list(docs)
-    for key, direction in reversed(sort):
-        if key == "$natural":
-            if direction < 0:
-                out.reverse()
-            continue
-        def sort_key(doc: Document, path: str = key) -> Any:
-            return mm_filtering.resolve_sort_key(path, doc)
-
-        out.sort(key=sort_key, reverse=direction < 0)
-    return out
-
-
-mm_filtering._get_compare_type = _compare_type
-mm_store.CollectionStore = _CollectionStore
-mm_database.Collection = _Collection
-
-
-# --------------------------------------------------------------------------------------
-# Logical clock and oplog
-# --------------------------------------------------------------------------------------
-
-
-class LogicalClock:
-    """Cluster time: Timestamp(seconds, increment), strictly increasing per tick."""
-
-    def __init__(self, wall: Callable[[], float] = time.time) -> None:
-        self._wall = wall
-        self.last = Timestamp(int(wall()), 0)
-
-    def tick(self) -> Timestamp:
-        now = int(self._wall())
-        if now > self.last.time:
-            self.last = Timestamp(now, 1)
-        else:
-            self.last = Timestamp(self.last.time, self.last.inc + 1)
-        return self.last
-
-
-@dataclass(slots=True)
-class OplogRecord:
-    seq: int
-    ts: Timestamp
-    entry: Document
-    #: Images kept only for collections with changeStreamPreAndPostImages enabled. For a
-    #: transaction's applyOps entry: one image (or None) per inner operation, in order.
-    pre: Any = None
-    post: Any = None
-
-
-class Oplog:
-    """A bounded, ordered history of writes: the emulator's ``local.oplog.rs``.
-
-    Records have a sequence number; the list keeps a logical head so eviction is
-    amortised O(1). ``last_evicted_ts`` tells readers whether history they need is gone.
-    """
-
-    def __init__(self, max_entries: int) -> None:
-        if max_entries < 1:
-            raise ValueError("oplog_size must be at least 1")
-        self.max_entries = max_entries
-        self._items: list[OplogRecord] = []
-        self._offset = 0  # seq of _items[0]
-        self._head = 0  # index of the first retained record
-        self.last_evicted_ts: Timestamp | None = None
-
-    @property
-    def first_seq(self) -> int:
-        return self._offset + self._head
-
-    @property
-    def next_seq(self) -> int:
-        return self._offset + len(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items) - self._head
-
-    def append(self, ts: Timestamp, entry: Document, pre: Any = None, post: Any = None) -> None:
-        self._items.append(OplogRecord(self.next_seq, ts, entry, pre, post))
-        while len(self) > self.max_entries:
-            self.last_evicted_ts = self._items[self._head].ts
-            self._head += 1
-        if self._head > 1024 and self._head * 2 > len(self._items):
-            del self._items[: self._head]
-            self._offset += self._head
-            self._head = 0
-
-    def get(self, seq: int) -> OplogRecord | None:
-        i = seq - self._offset
-        if self._head <= i < len(self._items):
-            return self._items[i]
-        return None
-
-    def records_from(self, seq: int) -> Iterator[OplogRecord]:
-        i = max(seq - self._offset, self._head)
-        items = self._items
-        while i < len(items):
-            yield items[i]
-            i += 1
-
-    def seq_after(self, ts: Timestamp, inclusive: bool = False) -> int:
-        """Seq of the first record with ts > ts (>= when inclusive)."""
-        find = bisect.bisect_left if inclusive else bisect.bisect_right
-        i = find(self._items, ts, lo=self._head, key=lambda r: r.ts)
-        return self._offset + i
-
-    def last_ts(self) -> Timestamp | None:
-        return self._items[-1].ts if len(self) else None
-
-    def dump(self) -> dict[str, Any]:
-        return {
-            "records": [(r.ts, r.entry, r.pre, r.post) for r in self._items[self._head :]],
-            "first_seq": self.first_seq,
-            "last_evicted_ts": self.last_evicted_ts,
-        }
-
-    def load(self, state: Mapping[str, Any]) -> None:
-        self._offset = state["first_seq"]
-        self._head = 0
-        self.last_evicted_ts = state["last_evicted_ts"]
-        self._items = [
-            OplogRecord(self._offset + i, ts, entry, pre, post)
-            for i, (ts, entry, pre, post) in enumerate(state["records"])
-        ]
 
 
 # --------------------------------------------------------------------------------------
@@ -515,7 +182,10 @@ class Storage:
         self.opcounters = dict.fromkeys(
             ("insert", "query", "update", "delete", "getmore", "command"), 0
         )
-        self._mm: Any = mongomock_ng.MongoClient()
+        #: The write statement running on each thread of this storage (its capture).
+        self._captures = CaptureSlot()
+        self._mm: Any = new_client(self._captures)
+        self._filters = PreparedFilters()
         self._index_extra: dict[tuple[str, str, str], Document] = {}
         #: Sessions that used a txnNumber, by lsid id bytes (oldest first).
         self.sessions: dict[bytes, SessionState] = {}
@@ -639,16 +309,7 @@ class Storage:
                 config[opt] = options[opt]
         mmc: Any = self._mm[db][coll]
         if config.get("unique"):
-            seen: dict[Any, Any] = {}
-            partial = config.get("partialFilterExpression")
-            for doc in mmc._store._documents.values():
-                if partial is not None and not filter_applies(partial, doc):
-                    continue
-                for k in index_keys(doc, spec, bool(config.get("sparse"))):
-                    if k in seen and seen[k] != _store_key(doc["_id"]):
-                        err = duplicate_key_error(f"{db}.{coll}", name, spec, k)
-                        raise CommandError(11000, str(err), extra=dict(err.details or {}))
-                    seen[k] = _store_key(doc["_id"])
+            _check_no_duplicates(f"{db}.{coll}", name, config, mmc._store._documents)
         mmc._store.create_index(name, config)
 
     def list_indexes(self, db: str, coll: str) -> list[Document]:
@@ -731,7 +392,7 @@ class Storage:
 
             doc = {"_id": ObjectId(), **doc}
         mmc = self._mm[db][coll]
-        with self._capturing(mmc) as cap:
+        with self._capturing(mmc, f"{db}.{coll}", in_place=False) as cap:
             mmc.insert_one(doc)
         self._record(db, coll, cap, replacement=False)
         self.opcounters["insert"] += 1
@@ -766,7 +427,7 @@ class Storage:
                 return WriteOutcome()
             self.create_collection(db, coll, implicit=True)
         mmc: Any = self._mm[db][coll]
-        with self._capturing(mmc) as cap:
+        with self._capturing(mmc, f"{db}.{coll}", first_only=not multi) as cap:
             result = mmc._update(
                 filter, update, upsert=upsert, multi=multi, array_filters=array_filters
             )
@@ -785,7 +446,7 @@ class Storage:
         if self.info(db, coll) is None:
             return WriteOutcome()
         mmc: Any = self._mm[db][coll]
-        with self._capturing(mmc) as cap:
+        with self._capturing(mmc, f"{db}.{coll}", in_place=False) as cap:
             result = mmc._delete(filter, multi=multi)
         self._record(db, coll, cap, replacement=False)
         return WriteOutcome(deleted=result["n"])
@@ -817,7 +478,7 @@ class Storage:
         )
         if isinstance(update, list):
             raise CommandError(115, "the MongoDB emulator does not support pipeline updates")
-        with self._capturing(mmc) as cap:
+        with self._capturing(mmc, f"{db}.{coll}") as cap:
             if remove:
                 value = mmc.find_one_and_delete(query, projection=fields, sort=sort)
             elif replacement:
@@ -861,15 +522,14 @@ class Storage:
             filter_applies(filter, {})
             return []
         sort = [(k, v) for k, v in (sort or []) if k != "$natural"] or None
-        cursor = self._mm[db][coll].find(
-            filter, projection, sort=sort, skip=skip, limit=abs(limit)
-        )
-        return list(cursor)
+        docs: list[Document] = self._mm[db][coll].select(filter, projection, sort, skip,
+                                                         abs(limit))
+        return docs
 
     def get_document(self, db: str, coll: str, _id: Any) -> Document | None:
         if self.info(db, coll) is None:
             return None
-        doc: Any = self._mm[db][coll]._store._documents.get(_store_key(_id))
+        doc: Any = self._mm[db][coll]._store._documents.get(store_key(_id))
         return copy.deepcopy(doc) if doc is not None else None
 
     def aggregate(self, db: str, coll: str, pipeline: list[Document]) -> list[Document]:
@@ -884,7 +544,7 @@ class Storage:
         return list(mm_aggregate_process(docs, self._mm[db], pipeline))
 
     def apply_pipeline(self, db: str, docs: list[Document], pipeline: list[Document]) -> list[Any]:
-        return list(mm_aggregate_process(docs, self._mm[db], pipeline))
+        return run_pipeline(docs, self._mm[db], pipeline, self._filters)
 
     def count(self, db: str, coll: str) -> int:
         if self.info(db, coll) is None:
@@ -1009,7 +669,7 @@ class Storage:
             self._mm[db]._store.create_collection(coll)
             mmc = self._mm[db][coll]
             for doc in c["documents"]:
-                mmc._store._documents[_store_key(doc["_id"])] = doc
+                mmc._store._documents[store_key(doc["_id"])] = doc
             for ix in c["indexes"]:
                 opts = {k: v for k, v in ix.items() if k in _MM_INDEX_OPTIONS}
                 self._install_index(db, coll, ix["name"], list(ix["key"].items()), opts)
@@ -1019,23 +679,41 @@ class Storage:
 
     # -- internals -------------------------------------------------------------------
     class _CaptureScope:
-        def __init__(self, cap: _Capture) -> None:
-            self.cap = cap
+        """One write statement: its capture is this thread's for this storage while it
+        runs; on the way out the touched documents' indexes are settled, and a refused
+        duplicate becomes MongoDB's E11000 error."""
 
-        def __enter__(self) -> _Capture:
-            global _active_capture
-            _active_capture = self.cap
+        def __init__(self, slot: CaptureSlot, cap: Capture, ns: str, in_place: bool) -> None:
+            self.slot = slot
+            self.cap = cap
+            self.ns = ns
+            self.in_place = in_place
+
+        def __enter__(self) -> Capture:
+            if self.slot.active is not None:
+                raise RuntimeError("a write statement is already capturing on this thread")
+            self.slot.active = self.cap
             return self.cap
 
-        def __exit__(self, *exc: object) -> None:
-            global _active_capture
-            _active_capture = None
+        def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+            self.slot.active = None
+            if self.in_place:
+                self.cap.settle()
+            if isinstance(exc, DuplicateKeyError):
+                raise _duplicate_key_error(exc, self.ns) from None
 
-    def _capturing(self, mmc: Any) -> Storage._CaptureScope:
-        return Storage._CaptureScope(_Capture(mmc._store._documents))
+    def _capturing(self, mmc: Any, ns: str, *, first_only: bool = False,
+                   in_place: bool = True) -> Storage._CaptureScope:
+        """A write statement's scope. ``in_place``: it may change stored documents in
+        place (updates do; inserts and deletes only store and remove whole documents),
+        so their indexes are settled when it ends."""
+        table: DocumentTable = mmc._store._documents
+        cap = Capture(table)
+        cap.first_only = first_only
+        return Storage._CaptureScope(self._captures, cap, ns, in_place)
 
     def _record(
-        self, db: str, coll: str, cap: _Capture, *, replacement: bool, pipeline: bool = False
+        self, db: str, coll: str, cap: Capture, *, replacement: bool, pipeline: bool = False
     ) -> list[tuple[Any, str]]:
         """Turn a capture into oplog entries, in the order documents were touched."""
         info = self.catalog[db][coll]
@@ -1128,6 +806,33 @@ def _norm_index(spec: Mapping[str, Any]) -> Document:
     return out
 
 
+def _check_no_duplicates(ns: str, name: str, config: Mapping[str, Any],
+                         documents: Mapping[Any, Document]) -> None:
+    """A unique index cannot be built over documents that already share a key."""
+    unique = UniqueIndex(name, list(config["key"]), sparse=bool(config.get("sparse")),
+                         partial=config.get("partialFilterExpression"))
+    for key, doc in documents.items():
+        values = unique.clash(key, doc)
+        if values is not None:
+            err = DuplicateKey(ns, name, unique.spec, values)
+            raise CommandError(11000, err.errmsg, extra={"keyPattern": err.key_pattern,
+                                                         "keyValue": err.key_value})
+        unique.reindex(key, doc)
+
+
+def _duplicate_key_error(exc: DuplicateKeyError, ns: str) -> CommandError:
+    """MongoDB's E11000 reply for a duplicate a unique index refused."""
+    if isinstance(exc, DuplicateKey):
+        return CommandError(11000, exc.errmsg, extra={"keyPattern": exc.key_pattern,
+                                                      "keyValue": exc.key_value})
+    details = exc.details or {}
+    pattern = dict(details.get("keyPattern") or {"_id": 1})
+    value = dict(details.get("keyValue") or {})
+    name = "_".join(f"{k}_{v}" for k, v in pattern.items()) if pattern != {"_id": 1} else "_id_"
+    return CommandError(11000, duplicate_key_message(ns, name, value),
+                        extra={"keyPattern": pattern, "keyValue": value})
+
+
 def _naive(d: dt.datetime) -> dt.datetime:
     return d.astimezone(dt.UTC).replace(tzinfo=None) if d.tzinfo else d
 
@@ -1139,6 +844,7 @@ def mm_aggregate_process(docs: list[Document], database: Any, pipeline: list[Doc
 
 
 __all__ = [
-    "CollectionInfo", "Oplog", "OplogRecord", "SessionState", "Storage", "Transaction",
-    "WriteOutcome",
+    "OPLOG_NS", "SYSTEM_DATABASES", "TXN_ABORTED", "TXN_COMMITTED", "TXN_IN_PROGRESS",
+    "CollectionInfo", "LogicalClock", "Oplog", "OplogRecord", "SessionState", "Storage",
+    "Transaction", "WriteOutcome", "sort_documents",
 ]
