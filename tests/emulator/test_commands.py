@@ -1225,3 +1225,18 @@ def test_client_disconnecting_mid_message_does_not_disturb_others(
     db.other.insert_one({"_id": "after"})
     assert sorted(d["_id"] for d in db.other.find()) == ["after", "during"]
     assert db.half.count_documents({}) == 0
+
+
+def test_a_multi_update_gives_each_document_its_own_copy_of_the_values(
+    db: Database[Any],
+) -> None:
+    """A $push to many documents, then a write to one of them: the others keep theirs
+    (mongomock-ng shared one pushed object between the documents)."""
+    db.s.insert_many([{"_id": 1}, {"_id": 2}])
+    db.s.create_index("connections.instanceId")
+    db.s.update_many({}, {"$push": {"connections": {"id": "c"}}})
+    db.s.update_one({"_id": 1, "connections.id": "c"},
+                    {"$set": {"connections.$.instanceId": "i1"}})
+    assert db.s.find_one({"_id": 2}) == {"_id": 2, "connections": [{"id": "c"}]}
+    assert [d["_id"] for d in db.s.find({"connections.instanceId": "i1"})] == [1]
+    assert [d["_id"] for d in db.s.find({"connections.instanceId": None})] == [2]

@@ -183,6 +183,17 @@ class _Collection(mm_collection.Collection):  # type: ignore[misc]
             return None
         return cap
 
+    def _apply_update_document(
+        self, existing_document: Document, spec: Any, document: Any, was_insert: bool
+    ) -> None:
+        # mongomock-ng puts the update's own values ($push, $addToSet, $set of a document)
+        # into every document a multi-update touches: one object shared by several
+        # documents, which a later write to one of them changes in all (and the indexes
+        # of only the one written). MongoDB gives each document its own copy.
+        super()._apply_update_document(
+            existing_document, spec, copy.deepcopy(document), was_insert
+        )
+
     def _iter_documents(self, filter: Any) -> Iterator[Document]:
         table = self._store._documents
         if not isinstance(table, DocumentTable):  # a plain mongomock-ng client
