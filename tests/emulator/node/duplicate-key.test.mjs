@@ -6,13 +6,6 @@ import { after, before, describe, test } from 'node:test';
 
 import { DRIVERS, SKIP, connect, freshName } from './lib.mjs';
 
-const TODO_MESSAGE =
-  'issue 9 item 3: the message is a Python dict: "E11000 duplicate key error' +
-  " {'keyPattern': {'username': 1}, 'keyValue': {'username': 'dupname'}}\"";
-
-const TODO_ID_MESSAGE =
-  'issue 9 item 3: the message is a Python dict: "E11000 duplicate key error' +
-  " {'keyPattern': {'_id': 1}, 'keyValue': {'_id': 'u1'}}\"";
 
 for (const driver of DRIVERS) {
   describe(`duplicate key, ${driver.label}`, { skip: SKIP }, () => {
@@ -44,18 +37,18 @@ for (const driver of DRIVERS) {
       keyValue: { username: 'dupname' },
     });
 
-    test('insertOne', { todo: TODO_MESSAGE }, async () => {
+    test('insertOne', async () => {
       await assert.rejects(users.insertOne({ _id: 'u3', username: 'dupname' }), expected());
     });
 
-    test('updateOne', { todo: TODO_MESSAGE }, async () => {
+    test('updateOne', async () => {
       await assert.rejects(
         users.updateOne({ _id: 'u2' }, { $set: { username: 'dupname' } }),
         expected(),
       );
     });
 
-    test('the _id index', { todo: TODO_ID_MESSAGE }, async () => {
+    test('the _id index', async () => {
       await assert.rejects(users.insertOne({ _id: 'u1', username: 'third' }), {
         code: 11000,
         message:
