@@ -800,6 +800,24 @@ def _drop(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Documen
     return reply
 
 
+@command("renameCollection")
+def _rename_collection(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Document:
+    if db != "admin":
+        raise CommandError(13, "renameCollection may only be run against the admin database.")
+    source, target = cmd.get("renameCollection"), cmd.get("to")
+    if not isinstance(source, str) or not isinstance(target, str):
+        raise CommandError(14, "'renameCollection' and 'to' must be namespace strings")
+    source_db, _, source_coll = source.partition(".")
+    target_db, _, target_coll = target.partition(".")
+    if not source_coll or not target_coll:
+        bad = source if not source_coll else target
+        raise CommandError(73, f"Invalid namespace specified '{bad}'")
+    ctx.storage.rename_collection(
+        source_db, source_coll, target_db, target_coll, drop_target=bool(cmd.get("dropTarget"))
+    )
+    return {"ok": 1.0}
+
+
 @command("dropDatabase")
 def _drop_database(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Document:
     if db == "local" and ctx.storage.replicated:

@@ -428,6 +428,22 @@ class ChangeStreamCursor(Cursor):
                                               "ns": {"db": db, "coll": o["drop"]}}))
                 if self.scope.coll is not None:
                     out.append((TOKEN_INVALIDATE, 1, {"operationType": "invalidate", **base}))
+            elif "renameCollection" in o and isinstance(o.get("to"), str):
+                # Reported to streams on the source's collection, database or deployment
+                # (and, as MongoDB does, on the target's database); a stream on the source
+                # collection is invalidated.
+                _, _, source = str(o["renameCollection"]).partition(".")
+                to_db, _, target = o["to"].partition(".")
+                if self.scope.matches(db, source) or (
+                    self.scope.coll is None and self.scope.matches(to_db, target)
+                ):
+                    out.append((TOKEN_EVENT, 0, {
+                        "operationType": "rename", **base, "ns": {"db": db, "coll": source},
+                        "to": {"db": to_db, "coll": target},
+                    }))
+                    if self.scope.coll is not None:
+                        out.append((TOKEN_INVALIDATE, 1, {"operationType": "invalidate",
+                                                           **base}))
             elif "dropDatabase" in o and self.scope.coll is None and self.scope.matches(db, None):
                 out.append((TOKEN_EVENT, 0, {"operationType": "dropDatabase", **base,
                                               "ns": {"db": db}}))

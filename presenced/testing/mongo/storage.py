@@ -255,6 +255,42 @@ class Storage:
         self._log_command(db, {"drop": coll}, info.uuid)
         return True
 
+    def rename_collection(
+        self, db: str, source: str, target_db: str, target: str, *, drop_target: bool
+    ) -> None:
+        """``renameCollection`` within one database: the documents, indexes and options
+        move to ``target`` (dropped first with ``drop_target``, else 48); logged as one
+        command entry, as MongoDB logs it (a dropped target's uuid in ``dropTarget``)."""
+        if target_db != db:
+            raise CommandError(20, "the emulator renames a collection within its database only")
+        validate_collection_name(target)
+        if OPLOG_NS in ((db, source), (db, target)):
+            raise CommandError(20, "can't rename live oplog while replicating")
+        info = self.info(db, source)
+        if info is None:
+            raise CommandError(26, f"Source collection {db}.{source} does not exist")
+        if source == target:
+            raise CommandError(20, "Can't rename a collection to itself")
+        dropped = self.catalog.get(db, {}).get(target)
+        if dropped is not None:
+            if not drop_target:
+                raise CommandError(48, "target namespace exists")
+            self.catalog[db].pop(target)
+            self._mm[db].drop_collection(target)
+        self.catalog[db][target] = self.catalog[db].pop(source)
+        mdb = self._mm[db]
+        mdb._store.rename(source, target)
+        for name in (source, target):  # mongomock-ng's cached Collection objects
+            mdb._collection_accesses.pop(name, None)
+        for (d, c, name) in [k for k in self._index_extra if k[:2] == (db, source)]:
+            self._index_extra[(d, target, name)] = self._index_extra.pop((d, c, name))
+        o: Document = {
+            "renameCollection": f"{db}.{source}", "to": f"{db}.{target}", "stayTemp": False,
+        }
+        if dropped is not None:
+            o["dropTarget"] = dropped.uuid
+        self._log_command(db, o, info.uuid)
+
     def drop_database(self, db: str) -> None:
         for coll in list(self.catalog.get(db, {})):
             self.drop_collection(db, coll)

@@ -6,7 +6,6 @@ import { after, before, beforeEach, describe, test } from 'node:test';
 
 import { DRIVERS, SKIP, connect, freshName } from './lib.mjs';
 
-const TODO = 'issue 9 item 8: renameCollection is missing: 59 CommandNotFound';
 
 for (const driver of DRIVERS) {
   describe(`renameCollection, ${driver.label}`, { skip: SKIP }, () => {
@@ -34,7 +33,7 @@ for (const driver of DRIVERS) {
     const names = async () =>
       (await db.listCollections({}, { nameOnly: true }).toArray()).map((c) => c.name).sort();
 
-    test('db.renameCollection moves the documents and the indexes', { todo: TODO }, async () => {
+    test('db.renameCollection moves the documents and the indexes', async () => {
       const renamed = await db.renameCollection('a', 'b');
       assert.equal(renamed.collectionName, 'b');
       assert.deepEqual(await names(), ['b']);
@@ -43,13 +42,13 @@ for (const driver of DRIVERS) {
       assert.deepEqual(indexes, ['_id_', 'x_1']);
     });
 
-    test('collection.rename', { todo: TODO }, async () => {
+    test('collection.rename', async () => {
       await db.collection('a').rename('c');
       assert.deepEqual(await names(), ['c']);
       assert.equal(await db.collection('c').countDocuments(), 2);
     });
 
-    test('onto an existing collection: 48 NamespaceExists, unless dropTarget', { todo: TODO }, async () => {
+    test('onto an existing collection: 48 NamespaceExists, unless dropTarget', async () => {
       await db.collection('d').insertOne({ _id: 'd' });
       await assert.rejects(db.renameCollection('a', 'd'), { code: 48, codeName: 'NamespaceExists' });
       await db.renameCollection('a', 'd', { dropTarget: true });
@@ -57,7 +56,7 @@ for (const driver of DRIVERS) {
       assert.equal(await db.collection('d').countDocuments(), 2);
     });
 
-    test('a missing source: 26 NamespaceNotFound', { todo: TODO }, async () => {
+    test('a missing source: 26 NamespaceNotFound', async () => {
       await assert.rejects(db.renameCollection('missing', 'e'), { code: 26, codeName: 'NamespaceNotFound' });
     });
   });
