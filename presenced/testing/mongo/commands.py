@@ -41,13 +41,13 @@ from presenced.testing.mongo.storage import (
     WriteOutcome,
 )
 from presenced.testing.mongo.topology import Topology
+from presenced.testing.mongo.wire import MAX_MESSAGE_SIZE
 
 Document = dict[str, Any]
 
 VERSION = "7.0.14"
 MAX_WIRE_VERSION = 21
 MAX_BSON_SIZE = 16 * 1024 * 1024
-MAX_MESSAGE_SIZE = 48_000_000
 MAX_WRITE_BATCH = 100_000
 ELECTION_ID = ObjectId("7fffffff0000000000000001")
 
