@@ -425,11 +425,18 @@ def test_transaction_past_its_lifetime_is_aborted(own_emulator: Any) -> None:
         c.t.create_collection("c")
         with c.start_session() as s:
             _start_insert(c, s, 10, "x")
-            assert c.t.c.find_one({"_id": "x"}) is not None  # no isolation in the emulator
+            assert c.t.c.find_one({"_id": "x"}) is None  # uncommitted: unseen outside
             deadline = time.monotonic() + TIMEOUT
-            while c.t.c.find_one({"_id": "x"}) is not None:
+            while True:
+                try:
+                    c.t.command({"find": "c", "filter": {"_id": "x"}, "txnNumber": Int64(10),
+                                 "autocommit": False}, session=s)
+                except OperationFailure as e:
+                    assert e.code == 251
+                    break
                 assert time.monotonic() < deadline, "transaction never expired"
                 time.sleep(0.05)
+            assert c.t.c.find_one({"_id": "x"}) is None
             with pytest.raises(OperationFailure) as exc:
                 c.admin.command({"commitTransaction": 1, "txnNumber": Int64(10),
                                  "autocommit": False}, session=s)
