@@ -1046,7 +1046,7 @@ def _distinct(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Doc
     if ctx.storage.info(db, coll) is None:
         return {"values": [], "ok": 1.0}
     try:
-        values = ctx.storage.mm(db, coll).distinct(key, cmd.get("query") or {})
+        values = ctx.storage.distinct(db, coll, key, cmd.get("query") or {})
     except Exception as exc:
         raise as_command_error(exc) from exc
     return {"values": list(values), "ok": 1.0}

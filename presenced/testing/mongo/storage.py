@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from bson import Int64, Timestamp
 from bson.binary import Binary
+from mongomock_ng import filtering as mm_filtering
 from mongomock_ng import helpers as mm_helpers
 from mongomock_ng.filtering import filter_applies
 from pymongo.errors import DuplicateKeyError
@@ -579,6 +580,21 @@ class Storage:
             docs = [copy.deepcopy(d)
                     for d in self._visible(db, coll, self._overlay(db, coll))]
         return list(mm_aggregate_process(docs, self._mm[db], pipeline))
+
+    def distinct(self, db: str, coll: str, key: str, query: Document) -> list[Any]:
+        """distinct's values over the documents the current reader sees."""
+        if self.info(db, coll) is None:
+            return []
+        if not self._overlay(db, coll):
+            return list(self._mm[db][coll].distinct(key, query))
+        unique: set[Any] = set()
+        for doc in self.find(db, coll, query):
+            for values in mm_filtering.iter_key_candidates(key, doc):
+                if values is mm_filtering.NOTHING:
+                    continue
+                for value in values if isinstance(values, tuple | list) else [values]:
+                    unique.add(mm_helpers.hashdict(value) if isinstance(value, dict) else value)
+        return [dict(v) if isinstance(v, mm_helpers.hashdict) else v for v in unique]
 
     def apply_pipeline(self, db: str, docs: list[Document], pipeline: list[Document]) -> list[Any]:
         return run_pipeline(docs, self._mm[db], pipeline, self._filters)
