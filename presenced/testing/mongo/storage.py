@@ -361,8 +361,12 @@ class Storage:
         for db, coll, field_name, after in list(self.ttl_indexes()):
             cutoff = now - dt.timedelta(seconds=after)
             documents = self._mm[db][coll]._store._documents
+            info = self.catalog[db][coll]
+            held = self._held.get((db, coll, bytes(info.uuid)), {})
             expired: list[Any] = []
-            for doc in list(documents.values()):
+            for key, doc in list(documents.items()):
+                if key in held:
+                    continue  # a transaction holds it: a later pass sees how it ended
                 value: Any = mm_helpers.get_value_by_dot(doc, field_name)
                 dates = value if isinstance(value, list) else [value]
                 dates = [d for d in dates if isinstance(d, dt.datetime)]
@@ -817,7 +821,9 @@ class Storage:
                     "uuid": info.uuid,
                     "options": info.options,
                     "indexes": indexes,
-                    "documents": list(mmc._store._documents.values()),
+                    # Committed documents only (a transaction in progress is lost, as
+                    # at a restart).
+                    "documents": self._visible(db, coll, self._overlay(db, coll)),
                 }
         return data
 
