@@ -695,3 +695,18 @@ def test_concurrent_with_transaction_increments_are_all_kept(
     assert errors == []
     assert {d["_id"]: d["n"] for d in tdb.c.find()} == {
         "p": rounds * workers, "q": -rounds * workers}
+
+
+def test_a_transaction_deleting_a_document_deleted_after_its_snapshot_conflicts(
+    tclient: MongoClient[Doc], tdb: Database[Doc]
+) -> None:
+    tdb.c.insert_many([{"_id": "x", "k": 1}, {"_id": "y", "k": 2}])
+    with tclient.start_session() as a:
+        a.start_transaction()
+        assert tdb.c.count_documents({"k": 1}, session=a) == 1
+        tdb.c.delete_one({"_id": "x"})  # committed after a's snapshot
+        with pytest.raises(OperationFailure) as exc:
+            tdb.c.delete_many({"k": 1}, session=a)
+        _write_conflict(exc.value)
+        a.abort_transaction()
+    assert list(tdb.c.find()) == [{"_id": "y", "k": 2}]

@@ -440,6 +440,7 @@ class Storage:
                 return WriteOutcome()
             self.create_collection(db, coll, implicit=True)
         mmc: Any = self._mm[db][coll]
+        self._check_snapshot_matches(db, coll, filter)
         with self._capturing(mmc, f"{db}.{coll}", first_only=not multi) as cap:
             result = mmc._update(
                 filter, update, upsert=upsert, multi=multi, array_filters=array_filters
@@ -462,6 +463,7 @@ class Storage:
         if self.info(db, coll) is None:
             return WriteOutcome()
         mmc: Any = self._mm[db][coll]
+        self._check_snapshot_matches(db, coll, filter)
         with self._capturing(mmc, f"{db}.{coll}", in_place=False) as cap:
             result = mmc._delete(filter, multi=multi)
         self._record(db, coll, cap, replacement=False)
@@ -513,6 +515,7 @@ class Storage:
         )
         if isinstance(update, list):
             raise CommandError(115, "the MongoDB emulator does not support pipeline updates")
+        self._check_snapshot_matches(db, coll, query)
         with self._capturing(mmc, f"{db}.{coll}") as cap:
             if remove:
                 value = mmc.find_one_and_delete(query, projection=fields, sort=sort)
@@ -680,6 +683,18 @@ class Storage:
         if txn is not None and dk in txn.snapshot:
             return WriteBlocked(None)  # changed by another writer after its snapshot
         return None
+
+    def _check_snapshot_matches(self, db: str, coll: str, filter: Any) -> None:
+        """A transaction's write selects from the current data; one its snapshot would
+        have matched but another writer changed (or deleted) since is a conflict too."""
+        txn = self.active_txn
+        if txn is None or not txn.snapshot:
+            return
+        info = self.catalog[db][coll]
+        where = (db, coll, bytes(info.uuid))
+        for dk, image in txn.snapshot.items():
+            if dk[:3] == where and image is not _MISSING and filter_applies(filter, image):
+                raise WriteBlocked(None)
 
     def _check_insert(self, db: str, coll: str, _id: Any) -> None:
         info = self.catalog[db][coll]
