@@ -710,3 +710,18 @@ def test_a_transaction_deleting_a_document_deleted_after_its_snapshot_conflicts(
         _write_conflict(exc.value)
         a.abort_transaction()
     assert list(tdb.c.find()) == [{"_id": "y", "k": 2}]
+
+
+def test_inserting_an_id_committed_after_the_snapshot_conflicts(
+    tclient: MongoClient[Doc], tdb: Database[Doc]
+) -> None:
+    tdb.create_collection("c")
+    with tclient.start_session() as a:
+        a.start_transaction()
+        assert tdb.c.find_one({}, session=a) is None
+        tdb.c.insert_one({"_id": "z", "by": "outside"})
+        with pytest.raises(OperationFailure) as exc:
+            tdb.c.insert_one({"_id": "z", "by": "a"}, session=a)
+        _write_conflict(exc.value)
+        a.abort_transaction()
+    assert list(tdb.c.find()) == [{"_id": "z", "by": "outside"}]
