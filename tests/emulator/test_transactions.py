@@ -725,3 +725,18 @@ def test_inserting_an_id_committed_after_the_snapshot_conflicts(
         _write_conflict(exc.value)
         a.abort_transaction()
     assert list(tdb.c.find()) == [{"_id": "z", "by": "outside"}]
+
+
+def test_reads_beside_a_transaction_keep_their_projection_sort_skip_and_limit(
+    tclient: MongoClient[Doc], tdb: Database[Doc]
+) -> None:
+    tdb.c.insert_many([{"_id": i, "n": i % 3, "x": "v"} for i in range(8)])
+    with tclient.start_session() as a:
+        a.start_transaction()
+        tdb.c.update_one({"_id": 4}, {"$set": {"n": 9}}, session=a)
+        outside = list(tdb.c.find({"n": {"$lt": 2}}, {"_id": 0, "n": 1})
+                       .sort([("n", -1), ("_id", 1)]).skip(1).limit(3))
+        inside = list(tdb.c.find({"n": {"$gt": 1}}, {"x": 0}, session=a).sort("_id", -1))
+        a.commit_transaction()
+    assert outside == [{"n": 1}, {"n": 1}, {"n": 0}]
+    assert inside == [{"_id": 5, "n": 2}, {"_id": 4, "n": 9}, {"_id": 2, "n": 2}]

@@ -1044,7 +1044,8 @@ def _select_from(mmc: Any, docs: list[Document], filter: Document, projection: A
     matched = matched[skip: skip + limit if limit else None]
     out = []
     for doc in matched:
-        result = mmc._copy_only_fields(doc, projection, dict, filter=spec)
+        fields = dict(projection) if isinstance(projection, Mapping) else projection
+        result = mmc._copy_only_fields(doc, fields, dict, filter=spec)  # it pops "_id"
         if result is not None:
             out.append(result)
     return out
