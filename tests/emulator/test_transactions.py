@@ -25,6 +25,7 @@ Events"; server: ``op_observer_impl.cpp``, ``transaction_participant.cpp``):
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -425,11 +426,18 @@ def test_transaction_past_its_lifetime_is_aborted(own_emulator: Any) -> None:
         c.t.create_collection("c")
         with c.start_session() as s:
             _start_insert(c, s, 10, "x")
-            assert c.t.c.find_one({"_id": "x"}) is not None  # no isolation in the emulator
+            assert c.t.c.find_one({"_id": "x"}) is None  # uncommitted: unseen outside
             deadline = time.monotonic() + TIMEOUT
-            while c.t.c.find_one({"_id": "x"}) is not None:
+            while True:
+                try:
+                    c.t.command({"find": "c", "filter": {"_id": "x"}, "txnNumber": Int64(10),
+                                 "autocommit": False}, session=s)
+                except OperationFailure as e:
+                    assert e.code == 251
+                    break
                 assert time.monotonic() < deadline, "transaction never expired"
                 time.sleep(0.05)
+            assert c.t.c.find_one({"_id": "x"}) is None
             with pytest.raises(OperationFailure) as exc:
                 c.admin.command({"commitTransaction": 1, "txnNumber": Int64(10),
                                  "autocommit": False}, session=s)
@@ -494,3 +502,241 @@ def test_nested_apply_ops_expand_into_one_event_per_operation(
     with tdb.watch(resume_after=events[1]["_id"], max_await_time_ms=AWAIT_MS) as resumed:
         rest = events_until(resumed, is_sentinel)[:-1]
     assert [e["_id"] for e in rest] == [events[2]["_id"]]
+
+
+# --------------------------------------------------------------------------------------------
+# isolation (issue 9 item 4): no dirty reads, snapshot reads, write conflicts
+
+
+def _write_conflict(exc: OperationFailure) -> None:
+    assert exc.code == 112, exc.details
+    assert exc.details is not None and exc.details.get("codeName") == "WriteConflict"
+    assert exc.has_error_label("TransientTransactionError")
+
+
+def test_uncommitted_writes_are_invisible_outside(
+    tclient: MongoClient[Doc], tdb: Database[Doc]
+) -> None:
+    tdb.c.insert_many([{"_id": i, "n": 0} for i in range(6)])
+    committed = list(tdb.c.find())
+    with tclient.start_session() as s:
+        s.start_transaction()
+        tdb.c.insert_one({"_id": "new", "n": 0}, session=s)
+        tdb.c.update_many({"_id": {"$in": [1, 3]}}, {"$set": {"n": 1}}, session=s)
+        tdb.c.delete_one({"_id": 5}, session=s)
+        inside = list(tdb.c.find({}, session=s))
+        assert len(inside) == 6 and {"_id": "new", "n": 0} in inside
+        # find (in small getMore batches), count, aggregate, find by _id: the committed data.
+        assert list(tdb.c.find().batch_size(2)) == committed
+        assert tdb.c.count_documents({}) == 6
+        assert tdb.command("count", "c")["n"] == 6
+        assert tdb.c.find_one({"_id": "new"}) is None
+        assert tdb.c.find_one({"_id": 5}) == {"_id": 5, "n": 0}
+        assert list(tdb.c.find({"n": 1})) == []
+        assert list(tdb.c.aggregate([{"$match": {"n": 0}}, {"$count": "k"}])) == [{"k": 6}]
+        assert sorted(tdb.c.distinct("_id"), key=str) == sorted(range(6), key=str)
+        s.commit_transaction()
+    assert tdb.c.count_documents({}) == 6
+    assert tdb.c.find_one({"_id": "new"}) == {"_id": "new", "n": 0}
+    assert tdb.c.count_documents({"n": 1}) == 2
+
+
+def test_reads_inside_a_transaction_come_from_its_snapshot(
+    tclient: MongoClient[Doc], tdb: Database[Doc]
+) -> None:
+    tdb.c.insert_many([{"_id": "before"}, {"_id": "gone"}])
+    with tclient.start_session() as s:
+        s.start_transaction()
+        assert tdb.c.count_documents({}, session=s) == 2  # the snapshot is taken here
+        tdb.c.insert_one({"_id": "after"})
+        tdb.c.update_one({"_id": "before"}, {"$set": {"changed": True}})
+        tdb.c.delete_one({"_id": "gone"})
+        assert tdb.c.count_documents({}, session=s) == 2
+        assert tdb.c.find_one({"_id": "before"}, session=s) == {"_id": "before"}
+        assert list(tdb.c.find({}, session=s).sort("_id", 1)) == [
+            {"_id": "before"}, {"_id": "gone"}]
+        assert tdb.c.find_one({"_id": "after"}, session=s) is None
+        tdb.other.insert_one({"_id": 1}, session=s)  # its own writes, beside the snapshot
+        assert tdb.other.find_one({}, session=s) == {"_id": 1}
+        s.commit_transaction()
+    assert tdb.c.count_documents({}) == 2
+    assert tdb.c.find_one({"_id": "before"}) == {"_id": "before", "changed": True}
+
+
+def test_two_transactions_writing_one_document_conflict(
+    tclient: MongoClient[Doc], tdb: Database[Doc]
+) -> None:
+    tdb.c.insert_one({"_id": "x", "n": 0})
+    with tclient.start_session() as a, tclient.start_session() as b:
+        a.start_transaction()
+        b.start_transaction()
+        tdb.c.update_one({"_id": "x"}, {"$inc": {"n": 1}}, session=a)
+        with pytest.raises(OperationFailure) as exc:
+            tdb.c.update_one({"_id": "x"}, {"$inc": {"n": 10}}, session=b)
+        _write_conflict(exc.value)
+        # The conflict aborted b: its next statement finds no transaction.
+        with pytest.raises(OperationFailure) as later:
+            tdb.c.find_one({"_id": "x"}, session=b)
+        assert later.value.code == 251
+        assert later.value.has_error_label("TransientTransactionError")
+        b.abort_transaction()
+        a.commit_transaction()
+    assert tdb.c.find_one({"_id": "x"}) == {"_id": "x", "n": 1}
+
+
+def test_inserting_an_id_another_transaction_inserted_conflicts(
+    tclient: MongoClient[Doc], tdb: Database[Doc]
+) -> None:
+    tdb.create_collection("c")
+    with tclient.start_session() as a, tclient.start_session() as b:
+        a.start_transaction()
+        b.start_transaction()
+        tdb.c.insert_one({"_id": "z", "by": "a"}, session=a)
+        with pytest.raises(OperationFailure) as exc:
+            tdb.c.insert_one({"_id": "z", "by": "b"}, session=b)
+        _write_conflict(exc.value)
+        b.abort_transaction()
+        a.commit_transaction()
+    assert list(tdb.c.find()) == [{"_id": "z", "by": "a"}]
+
+
+def test_writing_a_document_changed_after_the_snapshot_conflicts(
+    tclient: MongoClient[Doc], tdb: Database[Doc]
+) -> None:
+    tdb.c.insert_one({"_id": "x", "n": 0})
+    with tclient.start_session() as a:
+        a.start_transaction()
+        assert tdb.c.find_one({"_id": "x"}, session=a) == {"_id": "x", "n": 0}
+        tdb.c.update_one({"_id": "x"}, {"$set": {"n": 5}})  # committed after a's snapshot
+        with pytest.raises(OperationFailure) as exc:
+            tdb.c.update_one({"_id": "x"}, {"$inc": {"n": 1}}, session=a)
+        _write_conflict(exc.value)
+        a.abort_transaction()
+    assert tdb.c.find_one({"_id": "x"}) == {"_id": "x", "n": 5}
+
+
+@pytest.mark.parametrize("end", ["commit", "abort"])
+def test_a_write_outside_waits_for_the_transaction_holding_its_document(
+    tclient: MongoClient[Doc], tdb: Database[Doc], end: str
+) -> None:
+    tdb.c.insert_one({"_id": "x", "n": 0})
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def outside() -> None:
+        try:
+            tdb.c.update_one({"_id": "x"}, {"$inc": {"n": 10}})
+        except BaseException as e:  # reported by the assertion below
+            errors.append(e)
+        done.set()
+
+    with tclient.start_session() as a:
+        a.start_transaction()
+        tdb.c.update_one({"_id": "x"}, {"$inc": {"n": 1}}, session=a)
+        writer = threading.Thread(target=outside)
+        writer.start()
+        assert not done.wait(0.5), "the write went through a transaction's document"
+        assert tdb.c.find_one({"_id": "x"}) == {"_id": "x", "n": 0}  # others still read
+        if end == "commit":
+            a.commit_transaction()
+        else:
+            a.abort_transaction()
+        assert done.wait(TIMEOUT)
+        writer.join()
+    assert errors == []
+    assert tdb.c.find_one({"_id": "x"}) == {"_id": "x", "n": 11 if end == "commit" else 10}
+
+
+def test_with_transaction_retries_after_a_write_conflict(
+    tclient: MongoClient[Doc], tdb: Database[Doc]
+) -> None:
+    tdb.c.insert_one({"_id": "y", "n": 0})
+    attempts = 0
+    with tclient.start_session() as a, tclient.start_session() as b:
+        a.start_transaction()
+        tdb.c.update_one({"_id": "y"}, {"$inc": {"n": 1}}, session=a)
+
+        def callback(s: ClientSession) -> None:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 2:  # the first attempt met a's write: let a commit
+                a.commit_transaction()
+            tdb.c.update_one({"_id": "y"}, {"$inc": {"n": 10}}, session=s)
+
+        b.with_transaction(callback)
+    assert attempts == 2
+    assert tdb.c.find_one({"_id": "y"}) == {"_id": "y", "n": 11}
+
+
+def test_concurrent_with_transaction_increments_are_all_kept(
+    tclient: MongoClient[Doc], tdb: Database[Doc]
+) -> None:
+    tdb.c.insert_many([{"_id": "p", "n": 0}, {"_id": "q", "n": 0}])
+    rounds, workers = 10, 3
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with tclient.start_session() as s:
+                for _ in range(rounds):
+                    def move(s: ClientSession) -> None:
+                        tdb.c.update_one({"_id": "p"}, {"$inc": {"n": 1}}, session=s)
+                        time.sleep(0.005)  # let the others meet this transaction
+                        tdb.c.update_one({"_id": "q"}, {"$inc": {"n": -1}}, session=s)
+                    s.with_transaction(move)
+        except BaseException as e:  # reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert {d["_id"]: d["n"] for d in tdb.c.find()} == {
+        "p": rounds * workers, "q": -rounds * workers}
+
+
+def test_a_transaction_deleting_a_document_deleted_after_its_snapshot_conflicts(
+    tclient: MongoClient[Doc], tdb: Database[Doc]
+) -> None:
+    tdb.c.insert_many([{"_id": "x", "k": 1}, {"_id": "y", "k": 2}])
+    with tclient.start_session() as a:
+        a.start_transaction()
+        assert tdb.c.count_documents({"k": 1}, session=a) == 1
+        tdb.c.delete_one({"_id": "x"})  # committed after a's snapshot
+        with pytest.raises(OperationFailure) as exc:
+            tdb.c.delete_many({"k": 1}, session=a)
+        _write_conflict(exc.value)
+        a.abort_transaction()
+    assert list(tdb.c.find()) == [{"_id": "y", "k": 2}]
+
+
+def test_inserting_an_id_committed_after_the_snapshot_conflicts(
+    tclient: MongoClient[Doc], tdb: Database[Doc]
+) -> None:
+    tdb.create_collection("c")
+    with tclient.start_session() as a:
+        a.start_transaction()
+        assert tdb.c.find_one({}, session=a) is None
+        tdb.c.insert_one({"_id": "z", "by": "outside"})
+        with pytest.raises(OperationFailure) as exc:
+            tdb.c.insert_one({"_id": "z", "by": "a"}, session=a)
+        _write_conflict(exc.value)
+        a.abort_transaction()
+    assert list(tdb.c.find()) == [{"_id": "z", "by": "outside"}]
+
+
+def test_reads_beside_a_transaction_keep_their_projection_sort_skip_and_limit(
+    tclient: MongoClient[Doc], tdb: Database[Doc]
+) -> None:
+    tdb.c.insert_many([{"_id": i, "n": i % 3, "x": "v"} for i in range(8)])
+    with tclient.start_session() as a:
+        a.start_transaction()
+        tdb.c.update_one({"_id": 4}, {"$set": {"n": 9}}, session=a)
+        outside = list(tdb.c.find({"n": {"$lt": 2}}, {"_id": 0, "n": 1})
+                       .sort([("n", -1), ("_id", 1)]).skip(1).limit(3))
+        inside = list(tdb.c.find({"n": {"$gt": 1}}, {"x": 0}, session=a).sort("_id", -1))
+        a.commit_transaction()
+    assert outside == [{"n": 1}, {"n": 1}, {"n": 0}]
+    assert inside == [{"_id": 5, "n": 2}, {"_id": 4, "n": 9}, {"_id": 2, "n": 2}]

@@ -33,14 +33,11 @@ from presenced.testing.mongo.cursors import (
 from presenced.testing.mongo.errors import CommandError
 from presenced.testing.mongo.storage import (
     OPLOG_NS,
-    TXN_ABORTED,
-    TXN_COMMITTED,
-    TXN_IN_PROGRESS,
     Storage,
-    Transaction,
     WriteOutcome,
 )
 from presenced.testing.mongo.topology import Topology
+from presenced.testing.mongo.transactions import Transaction
 from presenced.testing.mongo.wire import MAX_MESSAGE_SIZE
 
 Document = dict[str, Any]
@@ -273,7 +270,7 @@ def step_down(ctx: Context, seconds: float) -> None:
     MongoDB's do at a stepdown), then it answers as a secondary until it steps up."""
     storage = ctx.storage
     for state in list(storage.sessions.values()):
-        if state.txn is not None and state.txn.state == TXN_IN_PROGRESS:
+        if state.txn is not None and state.txn.in_progress:
             storage.abort_transaction(state.txn)
     ctx.topology.step_down(seconds)
 
@@ -328,9 +325,9 @@ def _transaction_for(storage: Storage, session: SessionFields) -> Transaction:
             labels=["TransientTransactionError"],
         )
     txn = state.txn
-    if txn.state == TXN_ABORTED:
+    if txn.aborted:
         raise _no_such_transaction(number, "has been aborted.")
-    if txn.state == TXN_COMMITTED:
+    if txn.committed:
         raise CommandError(256, f"Transaction {number} has been committed.")
     return txn
 
@@ -369,13 +366,13 @@ def _finish_transaction(
         )
     txn = state.txn
     if name == "commitTransaction":
-        if txn.state == TXN_ABORTED:
+        if txn.aborted:
             raise _no_such_transaction(number, "has been aborted.")
         storage.commit_transaction(txn)  # again after a commit: ok, nothing more written
         return {"ok": 1.0}
-    if txn.state == TXN_COMMITTED:
+    if txn.committed:
         raise CommandError(256, f"Transaction {number} has been committed.")
-    if txn.state == TXN_ABORTED:
+    if txn.aborted:
         raise _no_such_transaction(number, "has been aborted.")
     storage.abort_transaction(txn)
     return {"ok": 1.0}
@@ -1067,7 +1064,7 @@ def _distinct(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -> Doc
     if ctx.storage.info(db, coll) is None:
         return {"values": [], "ok": 1.0}
     try:
-        values = ctx.storage.mm(db, coll).distinct(key, cmd.get("query") or {})
+        values = ctx.storage.distinct(db, coll, key, cmd.get("query") or {})
     except Exception as exc:
         raise as_command_error(exc) from exc
     return {"values": list(values), "ok": 1.0}

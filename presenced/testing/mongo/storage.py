@@ -5,10 +5,12 @@ statement (run on mongomock-ng through :mod:`._mongomock`, its before/after imag
 captured and turned into one oplog entry each, ``$v: 2`` diffs for updates), the
 opcounters, index definitions (their contents live in each collection's
 :class:`~presenced.testing.mongo.indexes.DocumentTable`), the TTL monitor's pass,
-multi-document transactions (per-session state; a transaction's writes are applied at
-once but logged as one ``applyOps`` entry at commit, and its first before-images let an
-abort put every touched document back), and snapshots. The clock and the oplog itself
-are :mod:`.oplog`'s.
+multi-document transactions (per-session state, and their isolation: a transaction's
+writes are applied at once but logged as one ``applyOps`` entry at commit; its first
+before-images let an abort put every touched document back, let readers outside see the
+committed documents, and refuse (WriteConflict) or hold back (a plain write waits)
+other writers; reads inside see its snapshot; see :mod:`.transactions`), and snapshots.
+The clock and the oplog itself are :mod:`.oplog`'s.
 
 Must never: touch sockets or know the wire protocol; print (errors go to the command's
 reply, or to logging). Every public method is called with ``Storage.lock`` held by the
@@ -25,10 +27,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from bson import Int64, Timestamp
 from bson.binary import Binary
+from mongomock_ng import filtering as mm_filtering
 from mongomock_ng import helpers as mm_helpers
 from mongomock_ng.filtering import filter_applies
 from pymongo.errors import DuplicateKeyError
@@ -51,9 +54,18 @@ from presenced.testing.mongo.indexes import (
 )
 from presenced.testing.mongo.oplog import LogicalClock, Oplog, OplogRecord
 from presenced.testing.mongo.pipelines import PreparedFilters, run_pipeline
+from presenced.testing.mongo.transactions import (
+    ABORT,
+    COMMIT,
+    DocKey,
+    SessionState,
+    Transaction,
+    WriteBlocked,
+)
 
 Document = dict[str, Any]
 _MISSING = MISSING
+_T = TypeVar("_T")
 
 
 def _filter_paths(filter: Any) -> set[str]:
@@ -116,35 +128,6 @@ class WriteOutcome:
     value: Any = None  # findAndModify's document
 
 
-TXN_IN_PROGRESS, TXN_COMMITTED, TXN_ABORTED = "inProgress", "committed", "aborted"
-
-
-@dataclass
-class Transaction:
-    """One multi-document transaction: (session id, txnNumber).
-
-    Its writes are applied to the store as they run; ``entries`` holds the oplog entries
-    they would have written (without ts/t/v/wall) and ``before`` the first before-image
-    of every document they changed, keyed by (db, coll, collection uuid, store key) in
-    touch order, so that an abort can put each one back.
-    """
-
-    lsid: Document
-    txn_number: int
-    state: str = TXN_IN_PROGRESS
-    entries: list[tuple[Document, Any, Any]] = field(default_factory=list)
-    before: dict[tuple[str, str, bytes, Any], Any] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class SessionState:
-    """The newest txnNumber a session used, and its transaction if it started one."""
-
-    txn_number: int
-    txn: Transaction | None = None
-
-
 #: How many idle sessions' states are kept (MongoDB keeps them for 30 minutes).
 MAX_SESSIONS = 10_000
 
@@ -190,6 +173,13 @@ class Storage:
         #: Sessions that used a txnNumber, by lsid id bytes (oldest first).
         self.sessions: dict[bytes, SessionState] = {}
         self._local = threading.local()
+        #: Transactions in progress (by id()), and the documents each holds: per
+        #: collection life (db, coll, uuid bytes), store key -> the transaction.
+        self._open: dict[int, Transaction] = {}
+        self._held: dict[tuple[str, str, bytes], dict[Any, Transaction]] = {}
+        #: How long a write outside a transaction waits for a transaction holding one of
+        #: its documents to end (the transaction's lifetime bounds it anyway).
+        self.write_wait_limit = 60.0
 
     # -- time ------------------------------------------------------------------------
     def now(self) -> dt.datetime:
@@ -407,8 +397,12 @@ class Storage:
         for db, coll, field_name, after in list(self.ttl_indexes()):
             cutoff = now - dt.timedelta(seconds=after)
             documents = self._mm[db][coll]._store._documents
+            info = self.catalog[db][coll]
+            held = self._held.get((db, coll, bytes(info.uuid)), {})
             expired: list[Any] = []
-            for doc in list(documents.values()):
+            for key, doc in list(documents.items()):
+                if key in held:
+                    continue  # a transaction holds it: a later pass sees how it ended
                 value: Any = mm_helpers.get_value_by_dot(doc, field_name)
                 dates = value if isinstance(value, list) else [value]
                 dates = [d for d in dates if isinstance(d, dt.datetime)]
@@ -420,6 +414,9 @@ class Storage:
 
     # -- writes ----------------------------------------------------------------------
     def insert(self, db: str, coll: str, doc: Document) -> Any:
+        return self._blocking(lambda: self._insert(db, coll, doc))
+
+    def _insert(self, db: str, coll: str, doc: Document) -> Any:
         if (db, coll) == OPLOG_NS:
             raise CommandError(20, "cannot insert into the oplog")
         self.create_collection(db, coll, implicit=True)
@@ -428,6 +425,7 @@ class Storage:
 
             doc = {"_id": ObjectId(), **doc}
         mmc = self._mm[db][coll]
+        self._check_insert(db, coll, doc["_id"])
         with self._capturing(mmc, f"{db}.{coll}", in_place=False) as cap:
             mmc.insert_one(doc)
         self._record(db, coll, cap, replacement=False)
@@ -436,6 +434,21 @@ class Storage:
         return doc["_id"]
 
     def update(
+        self,
+        db: str,
+        coll: str,
+        filter: Document,
+        update: Any,
+        *,
+        multi: bool,
+        upsert: bool,
+        array_filters: list[Document] | None = None,
+    ) -> WriteOutcome:
+        return self._blocking(lambda: self._update(
+            db, coll, filter, update, multi=multi, upsert=upsert, array_filters=array_filters
+        ))
+
+    def _update(
         self,
         db: str,
         coll: str,
@@ -463,6 +476,7 @@ class Storage:
                 return WriteOutcome()
             self.create_collection(db, coll, implicit=True)
         mmc: Any = self._mm[db][coll]
+        self._check_snapshot_matches(db, coll, filter)
         with self._capturing(mmc, f"{db}.{coll}", first_only=not multi) as cap:
             result = mmc._update(
                 filter, update, upsert=upsert, multi=multi, array_filters=array_filters
@@ -476,12 +490,16 @@ class Storage:
         return out
 
     def delete(self, db: str, coll: str, filter: Document, *, multi: bool) -> WriteOutcome:
+        return self._blocking(lambda: self._delete(db, coll, filter, multi=multi))
+
+    def _delete(self, db: str, coll: str, filter: Document, *, multi: bool) -> WriteOutcome:
         if (db, coll) == OPLOG_NS:
             raise CommandError(20, "cannot delete from the oplog")
         self.opcounters["delete"] += 1
         if self.info(db, coll) is None:
             return WriteOutcome()
         mmc: Any = self._mm[db][coll]
+        self._check_snapshot_matches(db, coll, filter)
         with self._capturing(mmc, f"{db}.{coll}", in_place=False) as cap:
             result = mmc._delete(filter, multi=multi)
         self._record(db, coll, cap, replacement=False)
@@ -502,6 +520,25 @@ class Storage:
         array_filters: list[Document] | None,
     ) -> tuple[Document | None, Document]:
         """Returns (value, lastErrorObject)."""
+        return self._blocking(lambda: self._find_and_modify(
+            db, coll, query=query, sort=sort, remove=remove, update=update, new=new,
+            fields=fields, upsert=upsert, array_filters=array_filters,
+        ))
+
+    def _find_and_modify(
+        self,
+        db: str,
+        coll: str,
+        *,
+        query: Document,
+        sort: list[tuple[str, Any]] | None,
+        remove: bool,
+        update: Any,
+        new: bool,
+        fields: Document | None,
+        upsert: bool,
+        array_filters: list[Document] | None,
+    ) -> tuple[Document | None, Document]:
         from pymongo import ReturnDocument
 
         if self.info(db, coll) is None:
@@ -514,6 +551,7 @@ class Storage:
         )
         if isinstance(update, list):
             raise CommandError(115, "the MongoDB emulator does not support pipeline updates")
+        self._check_snapshot_matches(db, coll, query)
         with self._capturing(mmc, f"{db}.{coll}") as cap:
             if remove:
                 value = mmc.find_one_and_delete(query, projection=fields, sort=sort)
@@ -558,14 +596,21 @@ class Storage:
             filter_applies(filter, {})
             return []
         sort = [(k, v) for k, v in (sort or []) if k != "$natural"] or None
-        docs: list[Document] = self._mm[db][coll].select(filter, projection, sort, skip,
-                                                         abs(limit))
+        mmc: Any = self._mm[db][coll]
+        overlay = self._overlay(db, coll)
+        if overlay:
+            return _select_from(mmc, self._visible(db, coll, overlay), filter, projection,
+                                sort, skip, abs(limit))
+        docs: list[Document] = mmc.select(filter, projection, sort, skip, abs(limit))
         return docs
 
     def get_document(self, db: str, coll: str, _id: Any) -> Document | None:
         if self.info(db, coll) is None:
             return None
-        doc: Any = self._mm[db][coll]._store._documents.get(store_key(_id))
+        key = store_key(_id)
+        doc: Any = self._overlay(db, coll).get(key, _MISSING)
+        if doc is _MISSING:
+            doc = self._mm[db][coll]._store._documents.get(key)
         return copy.deepcopy(doc) if doc is not None else None
 
     def aggregate(self, db: str, coll: str, pipeline: list[Document]) -> list[Document]:
@@ -575,9 +620,24 @@ class Storage:
         if self.info(db, coll) is None:
             docs: list[Document] = []
         else:
-            store: Any = self._mm[db][coll]._store
-            docs = [copy.deepcopy(d) for d in store._documents.values()]
+            docs = [copy.deepcopy(d)
+                    for d in self._visible(db, coll, self._overlay(db, coll))]
         return list(mm_aggregate_process(docs, self._mm[db], pipeline))
+
+    def distinct(self, db: str, coll: str, key: str, query: Document) -> list[Any]:
+        """distinct's values over the documents the current reader sees."""
+        if self.info(db, coll) is None:
+            return []
+        if not self._overlay(db, coll):
+            return list(self._mm[db][coll].distinct(key, query))
+        unique: set[Any] = set()
+        for doc in self.find(db, coll, query):
+            for values in mm_filtering.iter_key_candidates(key, doc):
+                if values is mm_filtering.NOTHING:
+                    continue
+                for value in values if isinstance(values, tuple | list) else [values]:
+                    unique.add(mm_helpers.hashdict(value) if isinstance(value, dict) else value)
+        return [dict(v) if isinstance(v, mm_helpers.hashdict) else v for v in unique]
 
     def apply_pipeline(self, db: str, docs: list[Document], pipeline: list[Document]) -> list[Any]:
         return run_pipeline(docs, self._mm[db], pipeline, self._filters)
@@ -585,7 +645,105 @@ class Storage:
     def count(self, db: str, coll: str) -> int:
         if self.info(db, coll) is None:
             return 0
-        return len(self._mm[db][coll]._store._documents)
+        documents: Any = self._mm[db][coll]._store._documents
+        n = len(documents)
+        for key, image in self._overlay(db, coll).items():
+            n += (image is not _MISSING) - (key in documents)
+        return n
+
+    # -- isolation -------------------------------------------------------------------
+    def _overlay(self, db: str, coll: str) -> dict[Any, Any]:
+        """What the current reader sees differently from the store in (db, coll), by
+        store key (``MISSING``: absent): the committed image of documents other
+        transactions in progress wrote, and, inside a transaction, the images as of its
+        snapshot of documents others changed since."""
+        info = self.info(db, coll)
+        if info is None:
+            return {}
+        ui = bytes(info.uuid)
+        reader = self.active_txn
+        overlay: dict[Any, Any] = {}
+        for key, holder in self._held.get((db, coll, ui), {}).items():
+            if holder is not reader:
+                overlay[key] = holder.before[(db, coll, ui, key)]
+        if reader is not None:
+            for (d, c, u, key), image in reader.snapshot.items():
+                if (d, c, u) == (db, coll, ui):
+                    overlay[key] = image
+        return overlay
+
+    def _visible(self, db: str, coll: str, overlay: Mapping[Any, Any]) -> list[Document]:
+        """The collection's documents as the current reader sees them (not copies)."""
+        documents: Any = self._mm[db][coll]._store._documents
+        if not overlay:
+            return list(documents.values())
+        out = [overlay.get(key, doc) for key, doc in documents.items()]
+        out = [doc for doc in out if doc is not _MISSING]
+        out.extend(image for key, image in overlay.items()
+                   if key not in documents and image is not _MISSING)
+        return out
+
+    def _blocking(self, write: Callable[[], _T]) -> _T:
+        """Run one write statement. One that meets a document another transaction in
+        progress holds: in a transaction, fails with WriteConflict (112; the command
+        layer then aborts it); outside, waits (the lock released) until that
+        transaction ends, then runs again, as mongod's write would block."""
+        deadline = time.monotonic() + self.write_wait_limit
+        while True:
+            try:
+                return write()
+            except WriteBlocked as blocked:
+                if self.active_txn is not None:
+                    raise CommandError(
+                        112, "WriteConflict error: this operation conflicted with another"
+                             " operation. Please retry your operation or multi-document"
+                             " transaction.",
+                        labels=["TransientTransactionError"],
+                    ) from None
+                holder = blocked.holder
+                while holder is not None and holder.in_progress:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise CommandError(
+                            50, "operation exceeded time limit: waited for a transaction"
+                                " in progress holding a document it writes"
+                        ) from None
+                    self.changed.wait(min(left, 0.5))
+
+    def _blocker(self, dk: DocKey) -> WriteBlocked | None:
+        """Why the current writer may not write document ``dk``, if it may not."""
+        txn = self.active_txn
+        holder = self._held.get(dk[:3], {}).get(dk[3])
+        if holder is not None and holder is not txn:
+            return WriteBlocked(holder)
+        if txn is not None and dk in txn.snapshot:
+            return WriteBlocked(None)  # changed by another writer after its snapshot
+        return None
+
+    def _check_snapshot_matches(self, db: str, coll: str, filter: Any) -> None:
+        """A transaction's write selects from the current data; one its snapshot would
+        have matched but another writer changed (or deleted) since is a conflict too."""
+        txn = self.active_txn
+        if txn is None or not txn.snapshot:
+            return
+        info = self.catalog[db][coll]
+        where = (db, coll, bytes(info.uuid))
+        for dk, image in txn.snapshot.items():
+            if dk[:3] == where and image is not _MISSING and filter_applies(filter, image):
+                raise WriteBlocked(None)
+
+    def _check_insert(self, db: str, coll: str, _id: Any) -> None:
+        info = self.catalog[db][coll]
+        blocked = self._blocker((db, coll, bytes(info.uuid), store_key(_id)))
+        if blocked is not None:
+            raise blocked
+
+    def _committed(self, dk: DocKey, before: Any, writer: Transaction | None) -> None:
+        """Document ``dk``, whose committed image was ``before``, changed (a plain write,
+        or ``writer``'s commit): every other transaction in progress keeps its image."""
+        for txn in self._open.values():
+            if txn is not writer:
+                txn.snapshot.setdefault(dk, before)
 
     # -- transactions ----------------------------------------------------------------
     @property
@@ -610,11 +768,13 @@ class Storage:
         if state is not None and state.txn is not None:
             self.abort_transaction(state.txn)
         state = SessionState(txn_number, Transaction(dict(lsid), txn_number) if start else None)
+        if state.txn is not None:
+            self._open[id(state.txn)] = state.txn  # its snapshot starts now
         self.sessions[sid] = state  # newest last
         if len(self.sessions) > MAX_SESSIONS:
             for old in list(self.sessions)[: len(self.sessions) - MAX_SESSIONS]:
                 old_state = self.sessions[old]
-                if old_state.txn is None or old_state.txn.state != TXN_IN_PROGRESS:
+                if old_state.txn is None or not old_state.txn.in_progress:
                     del self.sessions[old]
         return state
 
@@ -634,7 +794,7 @@ class Storage:
         n = 0
         for state in self.sessions.values():
             txn = state.txn
-            if txn is not None and txn.state == TXN_IN_PROGRESS and txn.started < limit:
+            if txn is not None and txn.in_progress and txn.started < limit:
                 self.abort_transaction(txn)
                 n += 1
         return n
@@ -642,9 +802,10 @@ class Storage:
     def commit_transaction(self, txn: Transaction) -> None:
         """Write the transaction's one ``applyOps`` oplog entry (none if it wrote nothing).
         Committing a committed transaction again does nothing (commit is retryable)."""
-        if txn.state != TXN_IN_PROGRESS:
+        if not txn.in_progress:
+            txn.fire(COMMIT)  # raises unless committed already
             return
-        txn.state = TXN_COMMITTED
+        txn.fire(COMMIT)
         if txn.entries:
             ops = [entry for entry, _pre, _post in txn.entries]
             entry: Document = {
@@ -662,15 +823,18 @@ class Storage:
                 post=posts if any(p is not None for p in posts) else None,
                 tail={"prevOpTime": {"ts": Timestamp(0, 0), "t": Int64(-1)}},
             )
-        txn.entries = []
-        txn.before = {}
+        for dk, before in txn.before.items():
+            self._committed(dk, before, txn)
+        self._release(txn)
+        self.changed.notify_all()
 
     def abort_transaction(self, txn: Transaction) -> None:
         """Put every document the transaction changed back as it was before its first
         write (reinsert deleted, delete inserted, restore updated); no oplog entry."""
-        if txn.state != TXN_IN_PROGRESS:
+        if not txn.in_progress:
+            txn.fire(ABORT)  # raises unless it ended already (then nothing to undo)
             return
-        txn.state = TXN_ABORTED
+        txn.fire(ABORT)
         for (db, coll, ui, key), before in reversed(list(txn.before.items())):
             info = self.info(db, coll)
             if info is None or bytes(info.uuid) != ui:
@@ -680,8 +844,21 @@ class Storage:
                 documents.pop(key, None)
             else:
                 documents[key] = before
+        self._release(txn)
+        self.changed.notify_all()
+
+    def _release(self, txn: Transaction) -> None:
+        """An ended transaction holds no document, and keeps no snapshot."""
+        self._open.pop(id(txn), None)
+        for (db, coll, ui, key) in txn.before:
+            held = self._held.get((db, coll, ui))
+            if held is not None and held.get(key) is txn:
+                del held[key]
+                if not held:
+                    del self._held[(db, coll, ui)]
         txn.entries = []
         txn.before = {}
+        txn.snapshot = {}
 
     # -- snapshot --------------------------------------------------------------------
     def dump(self) -> dict[str, Any]:
@@ -695,7 +872,9 @@ class Storage:
                     "uuid": info.uuid,
                     "options": info.options,
                     "indexes": indexes,
-                    "documents": list(mmc._store._documents.values()),
+                    # Committed documents only (a transaction in progress is lost, as
+                    # at a restart).
+                    "documents": self._visible(db, coll, self._overlay(db, coll)),
                 }
         return data
 
@@ -754,6 +933,18 @@ class Storage:
         """Turn a capture into oplog entries, in the order documents were touched."""
         info = self.catalog[db][coll]
         documents: Any = cap.documents
+        ui = bytes(info.uuid)
+        for key in cap.before:
+            blocked = self._blocker((db, coll, ui, key))
+            if blocked is not None:
+                # Undo the statement (nothing of it was logged) before giving way.
+                for k, image in cap.before.items():
+                    if image is _MISSING:
+                        documents.pop(k, None)
+                    else:
+                        documents[k] = image
+                raise blocked
+        txn = self.active_txn
         done: list[tuple[Any, str]] = []
         for key, before in cap.before.items():
             after = documents.get(key)
@@ -778,11 +969,14 @@ class Storage:
                 kind = "u"
             pre = copy.deepcopy(before) if images and before is not _MISSING else None
             post = copy.deepcopy(after) if images and after is not None else None
-            txn = self.active_txn
+            dk = (db, coll, ui, key)
             if txn is not None:
-                txn.before.setdefault((db, coll, bytes(info.uuid), key), before)
+                txn.before.setdefault(dk, before)
+                self._held.setdefault((db, coll, ui), {})[key] = txn
                 txn.entries.append((entry, pre, post))
             else:
+                if self._open:
+                    self._committed(dk, before, None)
                 self._append(entry, pre=pre, post=post)
             done.append((after["_id"] if after is not None else before["_id"], kind))
         return done
@@ -873,6 +1067,26 @@ def _naive(d: dt.datetime) -> dt.datetime:
     return d.astimezone(dt.UTC).replace(tzinfo=None) if d.tzinfo else d
 
 
+def _select_from(mmc: Any, docs: list[Document], filter: Document, projection: Any,
+                 sort: list[tuple[str, Any]] | None, skip: int, limit: int) -> list[Document]:
+    """find over a list of documents (a reader's view differing from the store): the
+    same matching, sort and projection as the store's, without its indexes."""
+    spec = mm_helpers.patch_datetime_awareness_in_document(filter)
+    matched = [doc for doc in docs if filter_applies(spec, doc)]
+    if not matched:
+        filter_applies(spec, {})  # raises on an invalid filter, as a scan does
+    if sort:
+        matched = sort_documents(matched, sort)
+    matched = matched[skip: skip + limit if limit else None]
+    out = []
+    for doc in matched:
+        fields = dict(projection) if isinstance(projection, Mapping) else projection
+        result = mmc._copy_only_fields(doc, fields, dict, filter=spec)  # it pops "_id"
+        if result is not None:
+            out.append(result)
+    return out
+
+
 def mm_aggregate_process(docs: list[Document], database: Any, pipeline: list[Document]) -> Any:
     from mongomock_ng import aggregate
 
@@ -880,7 +1094,7 @@ def mm_aggregate_process(docs: list[Document], database: Any, pipeline: list[Doc
 
 
 __all__ = [
-    "OPLOG_NS", "SYSTEM_DATABASES", "TXN_ABORTED", "TXN_COMMITTED", "TXN_IN_PROGRESS",
+    "OPLOG_NS", "SYSTEM_DATABASES",
     "CollectionInfo", "LogicalClock", "Oplog", "OplogRecord", "SessionState", "Storage",
     "Transaction", "WriteOutcome", "sort_documents",
 ]

@@ -43,7 +43,6 @@ for (const driver of DRIVERS) {
 
     test(
       'an uncommitted insert is invisible outside the transaction',
-      { todo: 'issue 9 item 4: the uncommitted insert is visible outside the transaction' },
       async () => {
         const s = session();
         s.startTransaction();
@@ -57,7 +56,6 @@ for (const driver of DRIVERS) {
 
     test(
       'reads inside a transaction come from its snapshot',
-      { todo: 'issue 9 item 4: a write committed outside after the snapshot is seen inside' },
       async () => {
         await coll.insertOne({ _id: 'before' });
         const s = session();
@@ -74,7 +72,6 @@ for (const driver of DRIVERS) {
 
     test(
       'a second transaction writing the same document gets WriteConflict',
-      { todo: 'issue 9 item 4: both transactions write the document and commit' },
       async () => {
         await coll.insertOne({ _id: 'x', n: 0 });
         const a = session();
@@ -96,7 +93,6 @@ for (const driver of DRIVERS) {
 
     test(
       'withTransaction retries after a WriteConflict and succeeds',
-      { todo: 'issue 9 item 4: no WriteConflict, so the callback runs once (1 attempt, not 2)' },
       async () => {
         await coll.insertOne({ _id: 'y', n: 0 });
         const a = session();
