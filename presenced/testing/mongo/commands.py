@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from bson import Int64, ObjectId, Timestamp
 from bson.binary import Binary
@@ -40,6 +40,9 @@ from presenced.testing.mongo.topology import Topology
 from presenced.testing.mongo.transactions import Transaction
 from presenced.testing.mongo.wire import MAX_MESSAGE_SIZE
 
+if TYPE_CHECKING:  # they belong with the server, which imports this module
+    from presenced.testing.mongo.server import ConnectionInfo, FailPoint, ServerIdentity
+
 Document = dict[str, Any]
 
 VERSION = "7.0.14"
@@ -47,18 +50,6 @@ MAX_WIRE_VERSION = 21
 MAX_BSON_SIZE = 16 * 1024 * 1024
 MAX_WRITE_BATCH = 100_000
 ELECTION_ID = ObjectId("7fffffff0000000000000001")
-
-
-@dataclass
-class ServerIdentity:
-    host: str
-    port: int
-    replica_set: str | None  # None: a standalone server
-    started: float = field(default_factory=time.time)
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
 
 @dataclass
@@ -94,49 +85,6 @@ class SessionFields:
 
 
 @dataclass
-class ConnectionInfo:
-    id: int
-    app_name: str | None = None
-    #: "hello" or "isMaster" when its last request was that command with exhaustAllowed
-    #: (a driver's streaming monitor), else None.
-    exhaust: str | None = None
-    #: The cluster time of the last write it made (MongoDB's per-client lastOp): a
-    #: retryable write that fails without moving it gets NoWritesPerformed.
-    last_op: Timestamp | None = None
-
-
-@dataclass
-class FailPoint:
-    """MongoDB's ``failCommand`` fail point."""
-
-    mode: Any = "off"
-    data: Document = field(default_factory=dict)
-    remaining: int | None = None  # for {times: n}
-    skip: int = 0
-
-    def trigger(self, command: str, conn: ConnectionInfo) -> Document | None:
-        """The failpoint's data if it fires for this command, consuming one activation."""
-        if self.mode == "off":
-            return None
-        names = self.data.get("failCommands") or []
-        if command not in names and command.lower() not in [n.lower() for n in names]:
-            return None
-        app = self.data.get("appName")
-        if app is not None and app != conn.app_name:
-            return None
-        if self.skip > 0:
-            self.skip -= 1
-            return None
-        if self.remaining is not None:
-            if self.remaining <= 0:
-                return None
-            self.remaining -= 1
-            if self.remaining == 0:
-                self.mode = "off"
-        return self.data
-
-
-@dataclass
 class Context:
     storage: Storage
     cursors: CursorRegistry
@@ -151,7 +99,7 @@ class Context:
     persistent: bool = False
 
 
-Handler = Callable[[Context, ConnectionInfo, str, Document], Document]
+Handler = Callable[[Context, "ConnectionInfo", str, Document], Document]
 HANDLERS: dict[str, Handler] = {}
 
 #: Command names the server accepts in any letter case (legacy spellings).
@@ -1154,10 +1102,7 @@ ErrorCodeIllegalStage = 5491300
 
 
 __all__ = [
-    "ConnectionInfo",
     "Context",
-    "FailPoint",
-    "ServerIdentity",
     "cluster_time_fields",
     "command_name",
     "hello_reply",

@@ -20,14 +20,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+from bson import Timestamp
 
 from presenced.testing.mongo import commands, wire
 from presenced.testing.mongo.commands import (
-    ConnectionInfo,
     Context,
-    FailPoint,
-    ServerIdentity,
     SessionFields,
 )
 from presenced.testing.mongo.cursors import CursorRegistry, History
@@ -41,6 +41,64 @@ from presenced.testing.mongo.storage import Storage
 from presenced.testing.mongo.topology import Topology, parse_awaitable_hello
 
 logger = logging.getLogger("presenced.testing.mongo")
+
+Document = dict[str, Any]
+
+
+@dataclass
+class ServerIdentity:
+    host: str
+    port: int
+    replica_set: str | None  # None: a standalone server
+    started: float = field(default_factory=time.time)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
+class ConnectionInfo:
+    id: int
+    app_name: str | None = None
+    #: "hello" or "isMaster" when its last request was that command with exhaustAllowed
+    #: (a driver's streaming monitor), else None.
+    exhaust: str | None = None
+    #: The cluster time of the last write it made (MongoDB's per-client lastOp): a
+    #: retryable write that fails without moving it gets NoWritesPerformed.
+    last_op: Timestamp | None = None
+
+
+@dataclass
+class FailPoint:
+    """MongoDB's ``failCommand`` fail point."""
+
+    mode: Any = "off"
+    data: Document = field(default_factory=dict)
+    remaining: int | None = None  # for {times: n}
+    skip: int = 0
+
+    def trigger(self, command: str, conn: ConnectionInfo) -> Document | None:
+        """The failpoint's data if it fires for this command, consuming one activation."""
+        if self.mode == "off":
+            return None
+        names = self.data.get("failCommands") or []
+        if command not in names and command.lower() not in [n.lower() for n in names]:
+            return None
+        app = self.data.get("appName")
+        if app is not None and app != conn.app_name:
+            return None
+        if self.skip > 0:
+            self.skip -= 1
+            return None
+        if self.remaining is not None:
+            if self.remaining <= 0:
+                return None
+            self.remaining -= 1
+            if self.remaining == 0:
+                self.mode = "off"
+        return self.data
+
 
 #: Fields every command may carry that no handler needs to see.
 GENERIC_FIELDS = frozenset(
