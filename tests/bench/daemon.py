@@ -16,23 +16,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from typing import Any
 
 from pymongo import MongoClient, UpdateMany, UpdateOne
 
+from presenced.testing.processes import emulator, free_port, ready, stop, with_database
+
 DB = "rocketchat"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait(predicate: Any, timeout: float, what: str) -> float:
@@ -42,14 +36,6 @@ def wait(predicate: Any, timeout: float, what: str) -> float:
             raise SystemExit(f"timed out waiting for {what}")
         time.sleep(0.05)
     return time.monotonic() - start
-
-
-def ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
 
 
 def ops(client: MongoClient[dict[str, Any]]) -> dict[str, int]:
@@ -63,10 +49,11 @@ def main() -> int:
     args = ap.parse_args()
     n = args.users
 
-    emu = subprocess.Popen([sys.executable, "-m", "presenced.testing.mongo", "--port", "0"],
-                           stdout=subprocess.PIPE, text=True)
-    assert emu.stdout is not None
-    url = emu.stdout.readline().split(" ", 1)[1].strip()
+    with emulator() as url:
+        return run(url, n)
+
+
+def run(url: str, n: int) -> int:
     client: MongoClient[dict[str, Any]] = MongoClient(url)
     db = client[DB]
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -86,7 +73,7 @@ def main() -> int:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         env = {"PATH": os.environ.get("PATH", ""), "HOME": tmp,
-               "MONGO_URL": url.replace("/?", f"/{DB}?"), "HEALTH_CHECK_PORT": str(port),
+               "MONGO_URL": with_database(url, DB), "HEALTH_CHECK_PORT": str(port),
                "PORT": str(port), "LOG_LEVEL": "warning", "SYNC_INTERVAL": "1000",
                "INSTANCE_TIMEOUT": "3600"}
         daemon = subprocess.Popen([sys.executable, "-m", "presenced", "run"], env=env, cwd=tmp)
@@ -121,11 +108,8 @@ def main() -> int:
             after = ops(client)
             online = db.users.count_documents({"status": "online"})
         finally:
-            daemon.terminate()
-            daemon.wait(timeout=10)
+            stop(daemon)
             client.close()
-            emu.terminate()
-            emu.wait(timeout=10)
 
     events = 2 * n
     rc_writes = 2 * n + 1 + 1  # the storm's statements, the marker's insert and push
