@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,10 +32,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from pymongo.database import Database
 
+from presenced.testing.processes import free_port
 from presenced.testing.simulator import RocketChatSimulator, SimulatedUser, utc_now_ms
 
 T = TypeVar("T")
@@ -87,19 +86,6 @@ def wait_for(
         if time.monotonic() >= deadline:
             raise WaitTimeout(f"{what}: not true after {timeout} s; last value {last!r}")
         time.sleep(POLL_SECONDS)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def with_database(url: str, database: str) -> str:
-    """``url`` with its path set to ``/database`` (query kept: replicaSet=rs0 and so on)."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, ""))
 
 
 def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, Any] | None:

@@ -27,15 +27,14 @@ from bson.timestamp import Timestamp
 from pymongo import MongoClient
 
 from presenced import __version__
+from presenced.testing.processes import free_port, with_database
 
 from .daemon_harness import (
     DaemonProcess,
     Db,
     Repeat,
     RocketChat,
-    free_port,
     wait_for,
-    with_database,
 )
 
 ONLINE = ("online", "online")

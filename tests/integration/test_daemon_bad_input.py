@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from .daemon_harness import DaemonProcess, Db, RocketChat, wait_for, with_database
+from presenced.testing.processes import with_database
+
+from .daemon_harness import DaemonProcess, Db, RocketChat, wait_for
 
 ONLINE = ("online", "online")
 

@@ -17,7 +17,9 @@ import pytest
 from bson.timestamp import Timestamp
 from pymongo import MongoClient
 
-from .daemon_harness import DaemonProcess, Db, RocketChat, wait_for, with_database
+from presenced.testing.processes import with_database
+
+from .daemon_harness import DaemonProcess, Db, RocketChat, wait_for
 
 ONLINE = ("online", "online")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from presenced.testing.processes import free_port
-from tests.integration.daemon_harness import DaemonProcess, Db, with_database
+from presenced.testing.processes import free_port, with_database
+from tests.integration.daemon_harness import DaemonProcess, Db
 from tests.interop.peers import NatsServer, NodePeer, nats_server
 
 SECRET = "nats-Pa55word"

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from presenced.broker.service import NO_CAP
-from tests.integration.daemon_harness import DaemonProcess, Db, wait_for, with_database
+from presenced.testing.processes import with_database
+from tests.integration.daemon_harness import DaemonProcess, Db, wait_for
 from tests.interop.peers import NatsServer, NodePeer, PeerError, nats_server
 
 DELIVERY_MS = 100
