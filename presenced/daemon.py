@@ -335,8 +335,7 @@ class Daemon:
         BROKER_CONNECT_WAIT_S to connect, then BROKER_DISCOVER_S for the nodes' INFO
         answers. A broker that does not answer delays nothing more."""
         with trio.move_on_after(BROKER_CONNECT_WAIT_S):
-            while not node.connected:
-                await self.clock.sleep(0.01)
+            await node.joined.wait()
         if node.connected:
             await self.clock.sleep(BROKER_DISCOVER_S)
 

@@ -155,9 +155,9 @@ class BrokerNode:
         self._requests = trio.CapacityLimiter(MAX_CONCURRENT_REQUESTS)
         self._malformed_logged: dict[str, float] = {}
         self.connected = False
-        self._ever_connected = False
+        self.joined = trio.Event()
+        """Set the first time the broker connects."""
         self._outage_logged = False
-        self._nursery: trio.Nursery | None = None
         metrics.broker_connected.set_function(lambda: 1.0 if self.connected else 0.0)
         metrics.broker_nodes.set_function(lambda: float(len(self.registry.available_ids())))
 
@@ -208,7 +208,6 @@ class BrokerNode:
         self._link = link
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
                 await link.connect()
                 await link.subscribe(*self._subjects())
                 self._announce()
@@ -238,13 +237,11 @@ class BrokerNode:
             [service_descriptor(self.service.name, self.service.actions, self.service.events)]
             if services else []
         )
-        packet = info_packet(
-            sender=self.config.node_id, instance_id=self._instance_id, seq=self._seq,
-            services=described, version=__version__,
-            lang_version=platform.python_version(), hostname=self._hostname, ip_list=self._ips,
+        return info_packet(
+            instance_id=self._instance_id, seq=self._seq, services=described,
+            version=__version__, lang_version=platform.python_version(),
+            hostname=self._hostname, ip_list=self._ips,
         )
-        del packet["ver"], packet["sender"]
-        return packet
 
     async def _leave(self, link: Link) -> None:
         if self.connected:
@@ -262,7 +259,7 @@ class BrokerNode:
             else:
                 logger.info("joined the service broker at {} as node {}",
                             self.config.shown_url, self.config.node_id)
-            self._ever_connected = True
+            self.joined.set()
             self._outage_logged = False
             if state == "reconnected":
                 # Heartbeats missed during our own outage do not count against the nodes.
@@ -279,7 +276,7 @@ class BrokerNode:
                 )
 
     def _on_link_error(self, text: str) -> None:
-        if not self._ever_connected and not self._outage_logged:
+        if not self.joined.is_set() and not self._outage_logged:
             self._outage_logged = True
             logger.warning(
                 "service broker unreachable at {} ({}): presence runs without it (no"

@@ -69,7 +69,6 @@ def local_ips() -> list[str]:
 
 def info_packet(
     *,
-    sender: str,
     instance_id: str,
     seq: int,
     services: Sequence[Mapping[str, Any]],
@@ -78,13 +77,12 @@ def info_packet(
     hostname: str,
     ip_list: Sequence[str],
 ) -> dict[str, Any]:
-    """This node's INFO: its services with their actions and events, as a Moleculer 0.14
-    registry reads them (``services[].name``, ``actions{<full name>: {name}}``,
-    ``events{<name>: {name}}``), and the node's identity (``instanceID`` changes when the
-    process restarts; ``seq`` grows when the services change)."""
+    """This node's INFO payload (the sender adds ``ver`` and ``sender``): its services with
+    their actions and events, as a Moleculer 0.14 registry reads them
+    (``services[].name``, ``actions{<full name>: {name}}``, ``events{<name>: {name}}``), and
+    the node's identity (``instanceID`` changes when the process restarts; ``seq`` grows
+    when the services change)."""
     return {
-        "ver": PROTOCOL_VERSION,
-        "sender": sender,
         "services": [dict(s) for s in services],
         "ipList": list(ip_list),
         "hostname": hostname,
