@@ -500,3 +500,30 @@ def test_a_failed_update_leaves_the_indexes_as_the_documents_are() -> None:
     assert_indexes_consistent(storage)
     assert_find_equals_scan(storage, {"a": "new"})
     assert_find_equals_scan(storage, {"a": "old"})
+
+
+def test_rocket_chat_disconnect_write_reads_only_its_index_candidates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rocket.Chat's verbatim disconnect, ``updateMany({"connections.id": c}, {$pull:
+    {connections: {id: c}}})``, on a collection with its UsersSessions indexes: the write
+    tests the one candidate the index proposes, not every document (issue 10's storm
+    benchmark gave up when it scanned)."""
+    storage = new_storage(["connections.id_1", "connections.instanceId_1"], always_plan=False)
+    for i in range(2000):
+        storage.insert(DB, COLL, {"_id": f"u{i}", "connections": [
+            {"id": f"c{i}", "instanceId": "i1", "status": "online"}]})
+    tested: list[int] = []
+    real_plan = DocumentTable.plan
+
+    def spy(self: DocumentTable, filter: Any) -> Any:
+        docs, rest = real_plan(self, filter)
+        tested.append(len(docs))
+        return docs, rest
+
+    monkeypatch.setattr(DocumentTable, "plan", spy)
+    outcome = storage.update(DB, COLL, {"connections.id": "c1234"},
+                             {"$pull": {"connections": {"id": "c1234"}}},
+                             multi=True, upsert=False)
+    assert outcome.modified == 1
+    assert tested and max(tested) == 1

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo import MongoClient
+from pymongo import MongoClient, UpdateOne
 
 from presenced.testing.mongo import MongoEmulator
 
@@ -63,3 +63,33 @@ def test_storage_engine_is_persistent_only_with_a_snapshot(
     c: MongoClient[dict[str, Any]]
     with MongoClient(emu.start(), serverSelectionTimeoutMS=10_000) as c:
         assert _status(c)["storageEngine"]["persistent"] is with_snapshot
+
+
+@pytest.mark.emulator_only
+def test_opcounters_are_kept_per_client_app_name(mongo_url: str) -> None:
+    """Not MongoDB's: ``opcountersByAppName`` counts each client's operations the way
+    ``opcounters`` counts them (a find one query, a write one per statement), so a
+    benchmark can tell the process it measures from its own load generator."""
+    app = f"counted-{id(object())}"
+    counted: MongoClient[Any] = MongoClient(mongo_url, appname=app)
+    other: MongoClient[Any] = MongoClient(mongo_url, appname=app + "-other")
+    try:
+        coll = counted.t_by_app.c
+        coll.insert_many([{"_id": i} for i in range(5)])
+        coll.update_many({}, {"$set": {"x": 1}})
+        coll.bulk_write([UpdateOne({"_id": i}, {"$set": {"y": 1}}) for i in range(3)])
+        coll.delete_one({"_id": 0})
+        assert coll.find_one({"_id": 1}) is not None
+        list(coll.find({}, batch_size=2))  # one find and getMores
+        other.t_by_app.c.find_one({"_id": 2})
+        mine = _status(counted)["opcountersByAppName"][app]
+        assert mine["insert"] == 5
+        assert mine["update"] == 1 + 3
+        assert mine["delete"] == 1
+        assert mine["query"] == 2
+        assert mine["getmore"] == 1  # 4 documents in batches of 2: find, one getMore
+        assert _status(counted)["opcountersByAppName"][app + "-other"]["query"] == 1
+    finally:
+        counted.t_by_app.c.drop()
+        counted.close()
+        other.close()

@@ -168,6 +168,7 @@ def run(
         storage.opcounters[counter] += 1
     elif name not in ("insert", "update", "delete"):
         storage.opcounters["command"] += 1
+    _count_for_app(storage, conn, name, cmd)
     if txn is None:
         return handler(ctx, conn, db, cmd)
     storage.active_txn = txn
@@ -189,6 +190,31 @@ def run(
             extra={k: v for k, v in first.items() if k != "index"},
         )
     return reply
+
+
+#: Statements of a write command, by command name: the field that lists them.
+_STATEMENTS = {"insert": "documents", "update": "updates", "delete": "deletes"}
+
+
+def _count_for_app(storage: Storage, conn: ConnectionInfo, name: str, cmd: Document) -> None:
+    """``opcounters`` again, per client ``appName`` (emulator only: a benchmark tells the
+    operations of the process it measures from those of its load generator). Counted from
+    the command as received, as MongoDB counts: a find or getMore is one, a write command
+    one per statement, anything else one ``command``."""
+    counts = storage.opcounters_by_app.get(conn.app_name or "")
+    if counts is None:
+        counts = storage.opcounters_by_app[conn.app_name or ""] = dict.fromkeys(
+            storage.opcounters, 0)
+    field = _STATEMENTS.get(name)
+    if name == "find":
+        counts["query"] += 1
+    elif name == "getMore":
+        counts["getmore"] += 1
+    elif field is not None:
+        statements = cmd.get(field)
+        counts[name] += len(statements) if isinstance(statements, list) else 0
+    else:
+        counts["command"] += 1
 
 
 # -- replica set state -----------------------------------------------------------------
@@ -552,6 +578,11 @@ def _server_status(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -
         "localTime": ctx.storage.now(),
         "connections": ctx.connection_stats(),
         "opcounters": {k: Int64(v) for k, v in ctx.storage.opcounters.items()},
+        # Not MongoDB's: the same counters per client appName ("" for none), for benchmarks.
+        "opcountersByAppName": {
+            app: {k: Int64(v) for k, v in counts.items()}
+            for app, counts in ctx.storage.opcounters_by_app.items()
+        },
         # As MongoDB 7.0's WiredTiger reports it (Rocket.Chat shows storageEngine.name);
         # persistent only when a snapshot keeps the data across restarts.
         "storageEngine": {

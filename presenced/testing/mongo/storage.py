@@ -165,6 +165,8 @@ class Storage:
         self.opcounters = dict.fromkeys(
             ("insert", "query", "update", "delete", "getmore", "command"), 0
         )
+        #: The same, per client appName (commands.py counts them; emulator only).
+        self.opcounters_by_app: dict[str, dict[str, int]] = {}
         #: The write statement running on each thread of this storage (its capture).
         self._captures = CaptureSlot()
         self._mm: Any = new_client(self._captures)
