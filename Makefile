@@ -86,8 +86,11 @@ test-emulator: $(STAMP) $(DRIVERS_NPM_STAMP)
 test-interop: $(STAMP) peers
 	$(BIN)/python -m pytest tests/interop $(PYTEST_ARGS)
 
+# One scoreboard of every benchmark (tests/bench/run.py; under 15 minutes on 2 cores).
+# BENCH_ARGS: e.g. --smoke, --only storm, --markdown docs/performance-board.md
+BENCH_ARGS ?=
 bench: $(STAMP)
-	@for b in tests/bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	$(BIN)/python tests/bench/run.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check presenced tests

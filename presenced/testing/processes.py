@@ -8,19 +8,22 @@ Must never: be imported by the daemon.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["READY_TIMEOUT", "STOP_TIMEOUT", "Failed", "OutOfTime", "budget", "emulator",
-           "free_port", "ready", "speaks_nats", "stop", "with_database"]
+__all__ = ["READY_TIMEOUT", "STOP_TIMEOUT", "Failed", "OutOfTime", "budget", "cpu_seconds",
+           "daemon", "emulator", "free_port", "ready", "speaks_nats", "stop", "with_database"]
 
 READY_TIMEOUT: Final = 60.0
 """Seconds for the emulator or presenced to come up."""
@@ -131,3 +134,45 @@ def emulator(
         yield line.split(" ", 1)[1]
     finally:
         stop(proc, signal.SIGINT)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds (fields 14 and 15 of /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2 :].split()  # the name (field 2) may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def daemon(
+    url: str, database: str, workdir: Path, *, env: Mapping[str, str] | None = None,
+    started: list[subprocess.Popen[Any]] | None = None, ready_timeout: float = READY_TIMEOUT,
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``presenced run`` on ``database`` of ``url`` as a process (this checkout: PYTHONPATH
+    is passed on), its log in ``workdir/presenced.log``, ``env`` added to its environment;
+    yields it and its health port once ``/ready`` answers, and stops it on leaving. The
+    process is appended to ``started`` for a caller's own cleanup."""
+    port = free_port()
+    environ = {"PATH": os.environ.get("PATH", ""), "HOME": str(workdir),
+               "MONGO_URL": with_database(url, database), "HEALTH_CHECK_PORT": str(port),
+               "PORT": str(free_port()), "LOG_LEVEL": "warning", **(env or {})}
+    if "PYTHONPATH" in os.environ:
+        environ["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    log = workdir / "presenced.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "presenced", "run"], env=environ,
+                                cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    if started is not None:
+        started.append(proc)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while not ready(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text("utf-8", "replace").splitlines()[-20:]
+                raise Failed("presenced did not become ready:\n" + "\n".join(tail))
+            time.sleep(0.05)
+        yield proc, port
+    finally:
+        stop(proc)

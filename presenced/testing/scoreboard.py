@@ -14,7 +14,9 @@ A verdict is one of
   the emulator's, not presenced's (issue 10's acceptance: "a MISS shown to be the
   emulator's floor");
 - ``SMOKE``: a smoke run (tiny sizes, ``--smoke``): measured to prove the benchmark
-  runs, not judged.
+  runs, not judged;
+- ``NOT MEASURED``: the runner's row for a benchmark that crashed, ran out of time or
+  emitted no ``SCORE`` line (never emitted by a benchmark itself).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ __all__ = ["PREFIX", "Score", "Verdict", "emit", "parse", "table", "verdict"]
 
 PREFIX: Final = "SCORE "
 
-Verdict = Literal["PASS", "MISS", "FLOOR", "SMOKE"]
+Verdict = Literal["PASS", "MISS", "FLOOR", "SMOKE", "NOT MEASURED"]
 
 
 @dataclass(frozen=True, slots=True)

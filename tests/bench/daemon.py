@@ -1,131 +1,283 @@
-"""The daemon under load: start-up reconciliation and a reconnect storm.
+"""Reconnect storm: presenced beside Rocket.Chat's own presence service, on one emulator.
 
-Runs the emulator and `presenced run` as their own processes, seeds N users who are
-connected but stored offline, and prints:
-- start-up: seconds until every user is online (reconciliation of N users),
-- reconnect storm: every user disconnects and reconnects (2N connection events, written
-  as Rocket.Chat writes them); seconds until presenced has processed them, and the MongoDB
-  operations presenced spent on them, beside Rocket.Chat's own presence service, which
-  spends 3 per connection event (read the user, read the sessions, write the user).
+Runs the emulator and ``presenced run`` as their own processes, seeds N users each
+connected once (Rocket.Chat's writes, Rocket.Chat's ``usersSessions`` indexes), waits
+until presenced has them all online, then every user disconnects and reconnects: 2N
+connection events written as Rocket.Chat writes them (the verbatim ``updateMany
+{"connections.id": c} $pull`` and ``updateOne {_id} $push upsert`` of
+:class:`~presenced.testing.simulator.RocketChatSimulator`), by ``--writers`` threads, each
+a Rocket.Chat instance with its share of the users; every user disconnects first, then
+every user reconnects (a proxy restart).
 
-Usage: .venv/bin/python tests/bench/daemon.py [--users 3000]
+Measured, each phase from its first storm write:
+- presenced: the MongoDB operations its process spent (the emulator's opcounters per
+  client ``appName``: presenced's own, the load generator's are not in them) per
+  connection event, and the time until it has processed the storm (a marker user's
+  connection, written last, is online) and every user is online;
+- the reference, with presenced stopped: the same storm again, each event followed, in
+  the thread that wrote it, by Rocket.Chat's ``updateUserPresence`` (read the user, read
+  the sessions, write the user if its status changed: 3 operations), through its own
+  client; the same figures, measured, not assumed.
+
+Emits ``storm.ops_per_event`` (target <= 0.1) and ``storm.converge_ratio`` (presenced's
+time over the reference's: target <= 1) as SCORE lines. Exits 0 once measured, 2 when it
+could not measure. Stops every process it started, on failure, SIGTERM and Ctrl-C too.
+
+Usage: .venv/bin/python tests/bench/daemon.py [--users 3000] [--writers 4] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from pymongo import MongoClient, UpdateMany, UpdateOne
+from pymongo import MongoClient
+from pymongo.database import Database
 
-from presenced.testing.processes import emulator, free_port, ready, stop, with_database
+from presenced.testing.processes import Failed, budget, daemon, emulator, stop
+from presenced.testing.scoreboard import Score, emit, verdict
+from presenced.testing.simulator import RocketChatSimulator, SimulatedUser, utc_now_ms
 
+Doc = dict[str, Any]
 DB = "rocketchat"
+LOAD_APP = "storm-load"
+REFERENCE_APP = "rocketchat-presence-reference"
+PRESENCED_APP = "presenced"  # the appname presenced's clients give (daemon.py)
+OPS_TARGET = 0.1
+CONVERGE_LIMIT_S = 300.0
 
 
-def wait(predicate: Any, timeout: float, what: str) -> float:
+def app_ops(client: MongoClient[Doc], app: str) -> tuple[Counter[str], Counter[str]]:
+    """The operations the emulator counted for clients named ``app`` so far, by kind (as
+    ``opcounters`` counts: a write one per statement), and their commands (round trips)."""
+    status = client.admin.command("serverStatus")
+    if "opcountersByAppName" not in status:
+        raise Failed("the server keeps no opcounters per appName (the emulator does)")
+    ops = status["opcountersByAppName"].get(app, {})
+    commands = status["commandsByAppName"].get(app, {})
+    return (Counter({k: int(v) for k, v in ops.items()}),
+            Counter({k: int(v) for k, v in commands.items()}))
+
+
+def since(now: tuple[Counter[str], Counter[str]],
+          before: tuple[Counter[str], Counter[str]]) -> tuple[Counter[str], Counter[str]]:
+    return now[0] - before[0], now[1] - before[1]
+
+
+def wait(predicate: Callable[[], bool], timeout: float, what: str) -> float:
     start = time.monotonic()
     while not predicate():
         if time.monotonic() - start > timeout:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.05)
+            raise Failed(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
     return time.monotonic() - start
 
 
-def ops(client: MongoClient[dict[str, Any]]) -> dict[str, int]:
-    c = client.admin.command("serverStatus")["opcounters"]
-    return {k: int(c[k]) for k in ("query", "update", "getmore", "insert", "delete")}
+def user_presence(db: Database[Doc], uid: str) -> None:
+    """Rocket.Chat's ``Presence.updateUserPresence``: read the user, read its sessions,
+    write its status when it changed (the ``$or`` filter writes nothing otherwise)."""
+    user = db.users.find_one({"_id": uid}, {"username": 1, "statusDefault": 1,
+                                            "statusConnection": 1, "status": 1})
+    if user is None:
+        return
+    sessions = db.usersSessions.find_one({"_id": uid}) or {}
+    statuses = [c.get("status", "online") for c in sessions.get("connections", [])]
+    connection = ("online" if "online" in statuses else "away" if "away" in statuses
+                  else "busy" if "busy" in statuses else "offline")
+    default = user.get("statusDefault") or "online"
+    status = connection if connection == "offline" or default == "online" else default
+    db.users.update_one({"_id": uid, "$or": [{"status": {"$ne": status}},
+                                             {"statusConnection": {"$ne": connection}}]},
+                        {"$set": {"status": status, "statusConnection": connection}})
+
+
+@dataclass
+class Writer:
+    """One Rocket.Chat instance: a simulator over its share of the users."""
+
+    sim: RocketChatSimulator
+    users: list[str]
+    connection: dict[str, str]
+
+
+def in_threads(writers: list[Writer], work: Callable[[Writer], None]) -> None:
+    errors: list[BaseException] = []
+
+    def run(w: Writer) -> None:
+        try:
+            work(w)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in writers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise Failed(f"a writer failed: {errors[0]!r}")
+
+
+def storm(writers: list[Writer], reference: Database[Doc] | None) -> None:
+    """Every user disconnects, then every user reconnects; with ``reference``, each event
+    is followed by Rocket.Chat's presence update through that database's client."""
+
+    def work(w: Writer) -> None:
+        for uid in w.users:
+            w.sim.disconnect(w.connection.pop(uid))
+            if reference is not None:
+                user_presence(reference, uid)
+        for uid in w.users:
+            w.connection[uid] = w.sim.connect(uid)
+            if reference is not None:
+                user_presence(reference, uid)
+
+    in_threads(writers, work)
+
+
+@dataclass
+class Phase:
+    counted: tuple[Counter[str], Counter[str]]
+    writes_s: float
+    converge_s: float
+
+    @property
+    def ops(self) -> int:
+        return sum(self.counted[0].values())
+
+    @property
+    def round_trips(self) -> int:
+        return sum(self.counted[1].values())
+
+    def kinds(self) -> str:
+        return (f"by kind {dict(+self.counted[0])}, in {self.round_trips} commands "
+                f"{dict(+self.counted[1])}")
+
+
+def all_online(db: Database[Doc], n: int) -> bool:
+    return db.users.count_documents({"status": "online"}) >= n
+
+
+def run(url: str, n: int, n_writers: int, workdir: Path,
+        started: list[subprocess.Popen[Any]]) -> tuple[Phase, Phase]:
+    load: MongoClient[Doc] = MongoClient(url, appname=LOAD_APP)
+    ref_client: MongoClient[Doc] = MongoClient(url, appname=REFERENCE_APP)
+    try:
+        db = load[DB]
+        now = utc_now_ms()
+        users = [f"u{i:05d}" for i in range(n)]
+        db.users.insert_many([SimulatedUser(uid, f"user{uid}", None, None).to_document(now)
+                              for uid in [*users, "marker"]])
+        writers = [Writer(RocketChatSimulator(db, users=0, instances=1, seed=k + 1),
+                          users[k::n_writers], {}) for k in range(n_writers)]
+        for w in writers:
+            w.sim.setup()  # the instance's document, Rocket.Chat's indexes
+
+        def connect_all(w: Writer) -> None:
+            for uid in w.users:
+                w.connection[uid] = w.sim.connect(uid)
+
+        in_threads(writers, connect_all)
+        beat = threading.Event()
+
+        def heartbeat() -> None:  # the instances must outlive their 60 s TTL index
+            while not beat.wait(10):
+                for w in writers:
+                    for instance in w.sim.live_instance_ids():
+                        db.instances.update_one({"_id": instance},
+                                                {"$set": {"_updatedAt": utc_now_ms()}})
+
+        threading.Thread(target=heartbeat, daemon=True).start()
+        try:
+            env = {"CACHE_TTL": "3600", "INSTANCE_TIMEOUT": "3600"}
+            with daemon(url, DB, workdir, env=env, started=started, ready_timeout=120):
+                wait(lambda: all_online(db, n), 120, "presenced to bring every user online")
+                before = app_ops(load, PRESENCED_APP)
+                t0 = time.monotonic()
+                storm(writers, None)
+                writes_s = time.monotonic() - t0
+                writers[0].sim.connect("marker")  # written last: processed last
+                wait(lambda: all_online(db, n + 1), CONVERGE_LIMIT_S,
+                     "presenced to process the storm")
+                converge_s = time.monotonic() - t0
+                ops = since(app_ops(load, PRESENCED_APP), before)
+            presenced = Phase(ops, writes_s, converge_s)
+
+            before = app_ops(load, REFERENCE_APP)
+            t0 = time.monotonic()
+            storm(writers, ref_client[DB])
+            writes_s = time.monotonic() - t0
+            wait(lambda: all_online(db, n), 10, "the reference to leave every user online")
+            converge_s = time.monotonic() - t0
+            reference = Phase(since(app_ops(load, REFERENCE_APP), before), writes_s,
+                              converge_s)
+        finally:
+            beat.set()
+        return presenced, reference
+    finally:
+        load.close()
+        ref_client.close()
+
+
+def report(n: int, presenced: Phase, reference: Phase, smoke: bool, writers: int) -> None:
+    events = 2 * n
+    p_ops, r_ops = presenced.ops / events, reference.ops / events
+    print(f"reconnect storm: {n} users x 2 = {events} connection events, {writers} writers")
+    print(f"  presenced: {presenced.ops} MongoDB operations ({p_ops:.3f}/event); storm "
+          f"written in {presenced.writes_s:.2f} s, converged {presenced.converge_s:.2f} s "
+          f"after its first write;\n    {presenced.kinds()}")
+    print(f"  reference (Rocket.Chat's updateUserPresence per event): {reference.ops} "
+          f"operations ({r_ops:.2f}/event); storm and updates done in "
+          f"{reference.writes_s:.2f} s, converged {reference.converge_s:.2f} s;\n    "
+          f"{reference.kinds()}")
+    size = (f"{n} users x 2, {writers} writers; round trips/event: presenced "
+            f"{presenced.round_trips / events:.3f}, reference {reference.round_trips / events:.2f}")
+    emit(Score(
+        key="storm.ops_per_event", measure="reconnect storm: MongoDB ops per connection event",
+        target=f"<= {OPS_TARGET:g} ops/event", measured=f"{p_ops:.3f} ops/event",
+        reference=f"{r_ops:.2f} ops/event (Rocket.Chat's 3, run)",
+        ratio=f"{p_ops / r_ops:.3f}x" if r_ops else "-",
+        verdict=verdict(p_ops <= OPS_TARGET, smoke=smoke), note=size))
+    ratio = presenced.converge_s / reference.converge_s
+    emit(Score(
+        key="storm.converge_ratio", measure="reconnect storm: time to converge",
+        target="no later than the reference", measured=f"{presenced.converge_s:.2f} s",
+        reference=f"{reference.converge_s:.2f} s (Rocket.Chat's 3, run)",
+        ratio=f"{ratio:.2f}x", verdict=verdict(ratio <= 1.0, smoke=smoke), note=size))
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--users", type=int, default=3000)
+    ap.add_argument("--writers", type=int, default=4, help="Rocket.Chat instances writing")
+    ap.add_argument("--smoke", action="store_true", help="a tiny run: 50 users, 2 writers")
+    ap.add_argument("--budget", type=float, default=300.0, help="seconds for the whole run")
     args = ap.parse_args()
-    n = args.users
-
-    with emulator() as url:
-        return run(url, n)
-
-
-def run(url: str, n: int) -> int:
-    client: MongoClient[dict[str, Any]] = MongoClient(url)
-    db = client[DB]
-    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    db.instances.insert_one({"_id": "i1", "_updatedAt": now, "name": "rc"})
-    db.users.insert_many([{"_id": f"u{i}", "username": f"user{i}", "active": True,
-                           "status": "offline", "statusConnection": "offline"}
-                          for i in range(n)])
-    db.usersSessions.insert_many([
-        {"_id": f"u{i}", "connections": [{"id": f"c{i}", "instanceId": "i1",
-                                          "status": "online", "_createdAt": now,
-                                          "_updatedAt": now}]}
-        for i in range(n)])
-    # Rocket.Chat's UsersSessions model indexes (the emulator uses them since issue 9).
-    db.usersSessions.create_index("connections.id", sparse=True)
-    db.usersSessions.create_index("connections.instanceId", sparse=True)
-
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": tmp,
-               "MONGO_URL": with_database(url, DB), "HEALTH_CHECK_PORT": str(port),
-               "PORT": str(port), "LOG_LEVEL": "warning", "SYNC_INTERVAL": "1000",
-               "INSTANCE_TIMEOUT": "3600"}
-        daemon = subprocess.Popen([sys.executable, "-m", "presenced", "run"], env=env, cwd=tmp)
-        try:
-            t_start = time.monotonic()
-            wait(lambda: db.users.count_documents({"status": "online"}) == n, 600,
-                 "start-up reconciliation")
-            startup = time.monotonic() - t_start
-            wait(lambda: ready(port), 60, "/ready")
-
-            # Reconnect storm: each user drops its connection and opens a new one.
-            before = ops(client)
-            now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-            storm: list[UpdateMany | UpdateOne] = [
-                UpdateMany({"connections.id": f"c{i}"}, {"$pull": {"connections": {"id": f"c{i}"}}})
-                for i in range(n)]
-            storm += [UpdateOne({"_id": f"u{i}"}, {"$push": {"connections": {
-                "id": f"r{i}", "instanceId": "i1", "status": "online", "_createdAt": now,
-                "_updatedAt": now}}}, upsert=True) for i in range(n)]
-            t_storm = time.monotonic()
-            for start in range(0, len(storm), 1000):
-                db.usersSessions.bulk_write(storm[start:start + 1000], ordered=False)
-            writes_s = time.monotonic() - t_storm
-            # A marker user connecting last: once presenced wrote it, the storm is processed.
-            db.users.insert_one({"_id": "marker", "username": "marker", "active": True})
-            db.usersSessions.update_one({"_id": "marker"}, {"$push": {"connections": {
-                "id": "m", "instanceId": "i1", "status": "online", "_createdAt": now,
-                "_updatedAt": now}}}, upsert=True)
-            wait(lambda: (db.users.find_one({"_id": "marker"}) or {}).get("status") == "online",
-                 600, "the storm to be processed")
-            storm_s = time.monotonic() - t_storm
-            after = ops(client)
-            online = db.users.count_documents({"status": "online"})
-        finally:
-            stop(daemon)
-            client.close()
-
-    events = 2 * n
-    rc_writes = 2 * n + 1 + 1  # the storm's statements, the marker's insert and push
-    presenced_ops = (after["query"] - before["query"]) + (after["getmore"] - before["getmore"]) \
-        + (after["update"] - before["update"]) - (rc_writes - 1)
-    rocketchat_ops = 3 * events
-    print(f"users={n}")
-    print(f"start-up reconciliation: {n} users online in {startup:.1f} s ({n / startup:.0f}"
-          " users/s)")
-    print(f"reconnect storm: {events} connection events; Rocket.Chat's writes took "
-          f"{writes_s:.1f} s on the emulator (bulk writes of 1000, with Rocket.Chat's "
-          f"indexes), presenced had processed all of them {storm_s - writes_s:.1f} s after the"
-          f" last write; {online - 1} of {n} users online after it")
-    print(f"MongoDB operations for the storm: presenced {presenced_ops} "
-          f"({presenced_ops / events:.3f} per event) | Rocket.Chat's presence {rocketchat_ops} "
-          f"(3 per event) | ratio {presenced_ops / rocketchat_ops:.3f}")
+    if args.smoke:
+        args.users, args.writers = 50, 2
+    started: list[subprocess.Popen[Any]] = []
+    t = time.monotonic()
+    try:
+        with budget(args.budget), tempfile.TemporaryDirectory(prefix="presenced-storm-") as tmp, \
+                emulator("--oplog-size", str(20 * args.users + 10_000), started=started) as url:
+            presenced, reference = run(url, args.users, args.writers, Path(tmp), started)
+    except Failed as exc:
+        print(f"storm benchmark could not measure: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        for proc in reversed(started):
+            stop(proc)
+    report(args.users, presenced, reference, args.smoke, args.writers)
+    print(f"(measured in {time.monotonic() - t:.0f} s)")
     return 0
 
 

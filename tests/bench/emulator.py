@@ -49,12 +49,15 @@ from pymongo.database import Database
 from presenced.testing.processes import (
     READY_TIMEOUT,
     Failed,
+    budget,
     emulator,
     free_port,
     ready,
     stop,
     with_database,
 )
+from presenced.testing.scoreboard import Score, emit
+from presenced.testing.scoreboard import verdict as scoreboard_verdict
 from presenced.testing.simulator import RocketChatSimulator, SimulatedUser, utc_now_ms
 
 Doc = dict[str, Any]
@@ -72,6 +75,17 @@ class Line:
     figure: str
     target: str
     passed: bool | None  # None: context only, no target
+    key: str = ""  # the SCORE key of a line with a target
+
+
+def emit_scores(lines: list[Line], smoke: bool) -> None:
+    """A SCORE line for each line with a target (context lines are printed only)."""
+    for line in lines:
+        if line.passed is None or not line.key:
+            continue
+        emit(Score(key=line.key, measure=f"emulator: {line.what.strip()}",
+                   target=line.target, measured=line.figure, reference="-", ratio="-",
+                   verdict=scoreboard_verdict(line.passed, smoke=smoke)))
 
 
 def verdict(passed: bool | None) -> str:
@@ -109,7 +123,7 @@ def scan_and_in(db: Database[Doc], n: int, in_sizes: tuple[int, int]) -> list[Li
     seed_scan(coll, n)
     seconds = timed(lambda: list(coll.find({}, batch_size=10_000)))
     lines = [Line(f"bare scan: find({{}}), {n} documents", f"{seconds:.2f} s",
-                  f"<= {SCAN_TARGET_S:g} s", seconds <= SCAN_TARGET_S)]
+                  f"<= {SCAN_TARGET_S:g} s", seconds <= SCAN_TARGET_S, "emulator.scan_s")]
     small, large = in_sizes
     step = max(1, n // large)
     ids = [f"u{i:07d}" for i in range(0, n, step)][:large]
@@ -134,7 +148,7 @@ def scan_and_in(db: Database[Doc], n: int, in_sizes: tuple[int, int]) -> list[Li
                       f"({t_large / large * 1e6:.0f} us/id)", "", None))
     lines.append(Line(f"_id $in, time {large} / time {small}", f"{ratio:.1f}",
                       f"<= {IN_RATIO_TARGET:g} (linear: {large / small:g})",
-                      ratio <= IN_RATIO_TARGET))
+                      ratio <= IN_RATIO_TARGET, "emulator.id_in_ratio"))
     db.drop_collection("scan")
     return lines
 
@@ -170,7 +184,8 @@ def disconnect_rate(db: Database[Doc], users: int, seconds: float) -> Line:
     rate = done / spent
     db.drop_collection(coll.name)
     return Line(f"disconnect, updateMany by connections.id, {users} users", f"{rate:.0f}/s",
-                f">= {DISCONNECT_TARGET_PER_S:g}/s", rate >= DISCONNECT_TARGET_PER_S)
+                f">= {DISCONNECT_TARGET_PER_S:g}/s", rate >= DISCONNECT_TARGET_PER_S,
+                f"emulator.disconnect_per_s.{users}")
 
 
 def heartbeat_rate(db: Database[Doc], users: int, n: int) -> Line:
@@ -307,9 +322,10 @@ def events_with_daemon(url: str, n_users: int, threads: int, seconds: float) -> 
         client.close()
     return [
         Line(f"connection events, presenced attached ({threads} writers, {n_users} users)",
-             f"{rate:.0f}/s", f">= {EVENTS_TARGET_PER_S:g}/s", rate >= EVENTS_TARGET_PER_S),
+             f"{rate:.0f}/s", f">= {EVENTS_TARGET_PER_S:g}/s", rate >= EVENTS_TARGET_PER_S,
+             "emulator.events_per_s"),
         Line("  presenced caught up (every final status written)", f"{lag:.1f} s after",
-             f"< {CATCH_UP_LIMIT_S:g} s", True),
+             f"< {CATCH_UP_LIMIT_S:g} s", True, "emulator.catch_up_s"),
     ]
 
 
@@ -328,7 +344,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--no-daemon", action="store_true", help="skip the events with presenced")
     ap.add_argument("--fail-on-miss", action="store_true", help="exit 1 on a MISS")
+    ap.add_argument("--smoke", action="store_true", help="a tiny run of every measure")
+    ap.add_argument("--budget", type=float, default=300.0, help="seconds for the whole run")
     args = ap.parse_args()
+    if args.smoke:
+        args.scan_docs, args.in_sizes, args.users = 2000, "50,500", "500"
+        args.disconnect_seconds, args.event_seconds, args.event_users = 0.5, 1.0, 100
+        args.threads = 2
     small, large = (int(x) for x in args.in_sizes.split(","))
     sizes = [int(x) for x in args.users.split(",")]
     if large > args.scan_docs:
@@ -338,14 +360,15 @@ def main() -> int:
     started: list[subprocess.Popen[Any]] = []
     t0 = time.monotonic()
     try:
-        with emulator(started=started) as url:
+        with budget(args.budget), emulator(started=started) as url:
             client: MongoClient[Doc] = MongoClient(url)
             try:
                 db = client.bench
                 lines += scan_and_in(db, args.scan_docs, (small, large))
                 lines += [disconnect_rate(db, n, args.disconnect_seconds) for n in sizes]
-                lines.append(heartbeat_rate(db, 2000, 3000))
-                lines.append(event_latency(db, 300))
+                lines.append(heartbeat_rate(db, 200 if args.smoke else 2000,
+                                            300 if args.smoke else 3000))
+                lines.append(event_latency(db, 30 if args.smoke else 300))
                 if not args.no_daemon:
                     lines += events_with_daemon(url, args.event_users, args.threads,
                                                 args.event_seconds)
@@ -364,6 +387,7 @@ def main() -> int:
     for line in lines:
         print(f"{line.what:<{width}}  {line.figure:>{fwidth}}  {line.target:<{twidth}}  "
               f"{verdict(line.passed)}".rstrip())
+    emit_scores(lines, args.smoke)
     print(f"(measured in {time.monotonic() - t0:.0f} s)")
     missed = any(line.passed is False for line in lines)
     return 1 if args.fail_on_miss and missed else 0

@@ -5,7 +5,9 @@ Run: ``.venv/bin/python tests/bench/emulator_idle.py [--seconds 10] [--target 2.
 Starts ``python -m presenced.testing.mongo --port 0`` in a subprocess, opens one idle change
 stream (``db.c.watch(max_await_time_ms=1000)`` polled with ``try_next()``) and one idle oplog
 tail (tailable-await cursor) in this process, and measures the emulator process's CPU time
-(utime + stime from /proc/<pid>/stat) over the window. Exits 1 if it is at or above the target.
+(utime + stime from /proc/<pid>/stat) over the window. Emits ``emulator.idle_cpu_percent``
+(a SCORE line); exits 0 once measured (1 on a miss with --fail-on-miss), 2 when it could
+not measure. Stops the emulator on failure, SIGTERM and Ctrl-C too.
 Not collected by pytest (no ``test_`` prefix).
 """
 
@@ -24,6 +26,9 @@ from typing import Any
 
 from pymongo import CursorType, MongoClient
 from pymongo.errors import OperationFailure
+
+from presenced.testing.processes import budget
+from presenced.testing.scoreboard import Score, emit, verdict
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 30.0
@@ -140,8 +145,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--target", type=float, default=2.0, help="percent of one core")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run: 2 s")
+    parser.add_argument("--fail-on-miss", action="store_true", help="exit 1 on a miss")
+    parser.add_argument("--budget", type=float, default=120.0, help="seconds for the run")
     args = parser.parse_args()
+    if args.smoke:
+        args.seconds = 2.0
+    with budget(args.budget):
+        return measure(args)
 
+
+def measure(args: argparse.Namespace) -> int:
     proc, url = start_emulator()
     print(f"emulator pid {proc.pid} at {url}", flush=True)
     client: MongoClient[Any] = MongoClient(url, serverSelectionTimeoutMS=10_000)
@@ -178,7 +192,12 @@ def main() -> int:
     print(f"empty awaited batches in {elapsed:.1f} s: {dict(polls)}")
     percent = 100.0 * (after - before) / elapsed
     print(f"idle CPU: {percent:.2f}% of a core (target < {args.target:g}%)")
-    return 0 if percent < args.target else 1
+    emit(Score(key="emulator.idle_cpu_percent",
+               measure=f"emulator idle, a change stream and an oplog tail, {elapsed:.0f} s",
+               target=f"< {args.target:g}% of a core", measured=f"{percent:.2f}% of a core",
+               reference="-", ratio="-",
+               verdict=verdict(percent < args.target, smoke=args.smoke)))
+    return 1 if args.fail_on_miss and percent >= args.target else 0
 
 
 if __name__ == "__main__":

@@ -89,6 +89,9 @@ def test_opcounters_are_kept_per_client_app_name(mongo_url: str) -> None:
         assert mine["query"] == 2
         assert mine["getmore"] == 1  # 4 documents in batches of 2: find, one getMore
         assert _status(counted)["opcountersByAppName"][app + "-other"]["query"] == 1
+        commands = _status(counted)["commandsByAppName"][app]
+        assert commands["insert"] == 1 and commands["update"] == 2  # round trips
+        assert commands["find"] == 2 and commands["getMore"] == 1
     finally:
         counted.t_by_app.c.drop()
         counted.close()

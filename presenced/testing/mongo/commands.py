@@ -200,11 +200,14 @@ def _count_for_app(storage: Storage, conn: ConnectionInfo, name: str, cmd: Docum
     """``opcounters`` again, per client ``appName`` (emulator only: a benchmark tells the
     operations of the process it measures from those of its load generator). Counted from
     the command as received, as MongoDB counts: a find or getMore is one, a write command
-    one per statement, anything else one ``command``."""
-    counts = storage.opcounters_by_app.get(conn.app_name or "")
+    one per statement, anything else one ``command``; and the commands (round trips) by
+    name."""
+    app = conn.app_name or ""
+    commands = storage.commands_by_app.setdefault(app, {})
+    commands[name] = commands.get(name, 0) + 1
+    counts = storage.opcounters_by_app.get(app)
     if counts is None:
-        counts = storage.opcounters_by_app[conn.app_name or ""] = dict.fromkeys(
-            storage.opcounters, 0)
+        counts = storage.opcounters_by_app[app] = dict.fromkeys(storage.opcounters, 0)
     field = _STATEMENTS.get(name)
     if name == "find":
         counts["query"] += 1
@@ -582,6 +585,10 @@ def _server_status(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -
         "opcountersByAppName": {
             app: {k: Int64(v) for k, v in counts.items()}
             for app, counts in ctx.storage.opcounters_by_app.items()
+        },
+        "commandsByAppName": {
+            app: {k: Int64(v) for k, v in counts.items()}
+            for app, counts in ctx.storage.commands_by_app.items()
         },
         # As MongoDB 7.0's WiredTiger reports it (Rocket.Chat shows storageEngine.name);
         # persistent only when a snapshot keeps the data across restarts.

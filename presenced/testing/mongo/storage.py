@@ -167,6 +167,8 @@ class Storage:
         )
         #: The same, per client appName (commands.py counts them; emulator only).
         self.opcounters_by_app: dict[str, dict[str, int]] = {}
+        #: The commands (round trips) per client appName, by command name.
+        self.commands_by_app: dict[str, dict[str, int]] = {}
         #: The write statement running on each thread of this storage (its capture).
         self._captures = CaptureSlot()
         self._mm: Any = new_client(self._captures)
