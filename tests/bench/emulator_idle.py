@@ -65,7 +65,12 @@ def start_emulator() -> tuple[subprocess.Popen[str], str]:
 
     reader = threading.Thread(target=read_ready, daemon=True)
     reader.start()
-    reader.join(READY_TIMEOUT)
+    try:
+        reader.join(READY_TIMEOUT)
+    except BaseException:  # out of budget, SIGTERM, Ctrl-C: not left running
+        proc.kill()
+        proc.wait()
+        raise
     line = result[0].strip() if result else ""
     if not line.startswith("ready "):
         proc.kill()
@@ -157,12 +162,12 @@ def main() -> int:
 
 def measure(args: argparse.Namespace) -> int:
     proc, url = start_emulator()
-    print(f"emulator pid {proc.pid} at {url}", flush=True)
-    client: MongoClient[Any] = MongoClient(url, serverSelectionTimeoutMS=10_000)
     stop = threading.Event()
     threads: list[threading.Thread] = []
     failures: list[BaseException] = []
+    client: MongoClient[Any] = MongoClient(url, serverSelectionTimeoutMS=10_000)
     try:
+        print(f"emulator pid {proc.pid} at {url}", flush=True)
         client.bench.c.insert_one({"_id": "seed"})  # the watched collection exists
         stream_ready, tail_ready = threading.Event(), threading.Event()
         threads = [

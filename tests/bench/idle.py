@@ -10,10 +10,11 @@ process's CPU time (utime + stime from /proc/<pid>/stat) over ``--seconds`` with
 traffic at all, as a percentage of one core. The emulator's own CPU over the same window
 is printed beside it (its idle floor: the change stream presenced keeps open).
 
-Emits ``idle.cpu_percent`` (target < 1% of a core). With ``--profile FILE`` presenced runs
-under cProfile for the window too (``python -m cProfile -o FILE``; its CPU figure is then
-not the target's). Exits 0 once measured, 2 when it could not measure. Stops every
-process it started, on failure, SIGTERM and Ctrl-C too.
+Emits ``idle.cpu_percent`` (target < 1% of a core). With ``--profile FILE``, py-spy
+samples presenced over the window too (``py-spy record --nonblocking``, collapsed stacks
+in FILE; the busiest stacks are printed): the CPU figure then includes a little of the
+sampling. Exits 0 once measured, 2 when it could not measure. Stops every process it
+started, on failure, SIGTERM and Ctrl-C too.
 
 Usage: .venv/bin/python tests/bench/idle.py [--users 100000] [--seconds 60] [--smoke]
 """
@@ -95,9 +96,20 @@ def measure(url: str, args: argparse.Namespace, workdir: Path,
         time.sleep(SMOKE_SETTLE_S if args.smoke else SETTLE_S)
         print(f"presenced tracks {held} users; measuring {args.seconds:g} s of idle",
               flush=True)
+        spy = None
+        if args.profile:
+            spy = subprocess.Popen(
+                [str(Path(sys.executable).with_name("py-spy")), "record", "--nonblocking",
+                 "--format", "raw", "--rate", "200", "--duration", str(int(args.seconds)),
+                 "--pid", str(proc.pid), "--output", str(args.profile)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            started.append(spy)
         p0, e0, t0 = cpu_seconds(proc.pid), cpu_seconds(emulator_pid), time.monotonic()
         time.sleep(args.seconds)
         p1, e1, t1 = cpu_seconds(proc.pid), cpu_seconds(emulator_pid), time.monotonic()
+        if spy is not None:
+            spy.wait(30)
+            hottest(args.profile)
         if proc.poll() is not None:
             raise Failed(f"presenced exited with {proc.returncode} during the window")
         if (held := tracked(port)) < args.users:
@@ -106,12 +118,36 @@ def measure(url: str, args: argparse.Namespace, workdir: Path,
     return 100 * (p1 - p0) / elapsed, 100 * (e1 - e0) / elapsed
 
 
+def hottest(profile: Path, top: int = 12) -> None:
+    """The functions with the most samples in py-spy's collapsed stacks: where each sample
+    was (self) and what it was under (inclusive)."""
+    own: dict[str, int] = {}
+    under: dict[str, int] = {}
+    total = 0
+    for line in profile.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            under[frame] = under.get(frame, 0) + n
+    print(f"py-spy: {total} samples of a busy presenced (idle threads not sampled)")
+    for title, table in (("self", own), ("inclusive", under)):
+        print(f"  hottest ({title}):")
+        for frame, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"    {n:6d} {100 * n / max(total, 1):5.1f}%  {frame}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--users", type=int, default=100_000)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--smoke", action="store_true", help="a tiny run: 200 users, 2 s")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run")
+    ap.add_argument("--profile", type=Path, help="py-spy's collapsed stacks of the window")
     args = ap.parse_args()
     if args.smoke:
         args.users, args.seconds = 200, 2.0

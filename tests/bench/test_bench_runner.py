@@ -119,3 +119,10 @@ def test_a_benchmark_leaving_a_process_running_is_not_measured(tmp_path: Path) -
     assert len(result.left) == 1 and "time.sleep(60)" in result.left[0]
     assert result.problem() == "left 1 process(es) running"
     assert run.group_members(result.pgid) == []  # and the runner stopped it
+
+
+def test_the_full_scoreboard_fits_in_15_minutes() -> None:
+    """Each budget is a cap (SIGTERM past it), so their sum bounds make bench."""
+    assert sum(b.budget for b in run.BENCHMARKS) <= 15 * 60
+    assert [b.name for b in run.BENCHMARKS][:7] == [
+        "engine", "startup", "latency", "broker", "storm", "idle", "emulator"]
