@@ -84,6 +84,7 @@ def measure(url: str, args: argparse.Namespace, workdir: Path,
             started: list[subprocess.Popen[Any]], emulator_pid: int) -> tuple[float, float]:
     seed(url, args.users)
     env = {"CACHE_TTL": "3600", "INSTANCE_TIMEOUT": "3600"}
+    env.update(item.split("=", 1) for item in args.set)
     t = time.monotonic()
     with daemon(url, DB, workdir, env=env, started=started,
                 ready_timeout=args.budget) as (proc, port):
@@ -148,6 +149,8 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="a tiny run: 200 users, 2 s")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run")
     ap.add_argument("--profile", type=Path, help="py-spy's collapsed stacks of the window")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a setting of presenced's environment (an experiment)")
     args = ap.parse_args()
     if args.smoke:
         args.users, args.seconds = 200, 2.0
@@ -169,7 +172,8 @@ def main() -> int:
         key="idle.cpu_percent", measure=f"idle daemon, {args.users:,} users, {args.seconds:g} s",
         target=f"< {TARGET_PERCENT:g}% of a core", measured=f"{cpu:.2f}% of a core",
         reference="-", ratio="-", verdict=verdict(cpu < TARGET_PERCENT, smoke=args.smoke),
-        note=f"emulator beside it: {floor:.2f}% of a core"))
+        note=f"emulator beside it: {floor:.2f}% of a core"
+             + (f"; set {' '.join(args.set)}" if args.set else "")))
     print(f"(measured in {time.monotonic() - t:.0f} s)")
     return 0
 
