@@ -234,7 +234,12 @@ def rows(results: list[Result]) -> list[Score]:
 def report(results: list[Result], seconds: float, smoke: bool) -> str:
     scores = rows(results)
     lines = [table(scores), ""]
-    notes = [f"- {s.measure}: {s.note}" for s in scores if s.note]
+    notes: list[str] = []
+    seen: set[str] = set()
+    for s in scores:
+        if s.note and s.note not in seen:  # each note once
+            seen.add(s.note)
+            notes.append(f"- {s.measure}: {s.note}")
     if notes:
         lines += ["Notes:", *notes, ""]
     lines += [f"- {m}" for m in machine()]
