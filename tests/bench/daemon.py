@@ -36,12 +36,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pymongo import MongoClient
 from pymongo.database import Database
+from pymongo.errors import PyMongoError
 
 from presenced.testing.processes import Failed, budget, daemon, emulator, stop
 from presenced.testing.scoreboard import Score, emit, verdict
@@ -193,10 +195,12 @@ def run(url: str, n: int, n_writers: int, workdir: Path,
             while not beat.wait(10):
                 for w in writers:
                     for instance in w.sim.live_instance_ids():
-                        db.instances.update_one({"_id": instance},
-                                                {"$set": {"_updatedAt": utc_now_ms()}})
+                        with suppress(PyMongoError):  # the run is ending: no matter
+                            db.instances.update_one({"_id": instance},
+                                                    {"$set": {"_updatedAt": utc_now_ms()}})
 
-        threading.Thread(target=heartbeat, daemon=True).start()
+        beating = threading.Thread(target=heartbeat, daemon=True)
+        beating.start()
         try:
             env = {"CACHE_TTL": "3600", "INSTANCE_TIMEOUT": "3600"}
             with daemon(url, DB, workdir, env=env, started=started, ready_timeout=120):
@@ -222,6 +226,7 @@ def run(url: str, n: int, n_writers: int, workdir: Path,
                               converge_s)
         finally:
             beat.set()
+            beating.join(10)
         return presenced, reference
     finally:
         load.close()

@@ -142,14 +142,29 @@ def group_members(pgid: int) -> list[str]:
 
 
 def stop_group(pgid: int, grace: float) -> None:
-    """SIGTERM to every process of the group, then SIGKILL to any left after ``grace``."""
+    """Stop a benchmark and what it started: SIGTERM to the benchmark (its leader, whose
+    pid is ``pgid``) so that it stops its processes in order, up to ``grace`` seconds;
+    then SIGTERM to whatever of its group is left, and SIGKILL 5 seconds later."""
+
+    def wait(pids: Callable[[], list[str]], seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while pids() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    with suppress(ProcessLookupError, PermissionError):
+        os.kill(pgid, signal.SIGTERM)
+    wait(lambda: [p for p in group_members(pgid) if p.split(" ", 1)[0] == str(pgid)], grace)
     with suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait(lambda: group_members(pgid), 5)
     with suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+def _default_sigint() -> None:
+    """In the benchmark's process: SIGINT as usual even when this runner was started with
+    it ignored (a background job), so the emulators it starts stop on their SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_benchmark(bench: Benchmark, *, smoke: bool, out: TextIO | None = None,
@@ -170,7 +185,8 @@ def run_benchmark(bench: Benchmark, *, smoke: bool, out: TextIO | None = None,
     started = time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, errors="replace",
-                            cwd=ROOT, env=env, start_new_session=True)
+                            cwd=ROOT, env=env, start_new_session=True,
+                            preexec_fn=_default_sigint)
     result.pgid = proc.pid
     lines: list[str] = []
 
@@ -284,13 +300,18 @@ def main(argv: list[str] | None = None,
     chosen = [b for b in BENCHMARKS if not args.only or b.name in args.only]
     results: list[Result] = []
     started = time.monotonic()
-    with terminated_as_exit():
-        for bench in chosen:
-            print(f"== {bench.name} ({bench.script})", flush=True)
-            result = runner(bench, smoke=args.smoke)
-            results.append(result)
-            status = "measured" if result.measured else "NOT MEASURED: " + result.problem()
-            print(f"== {bench.name}: {status} in {result.seconds:.0f} s", flush=True)
+    try:
+        with terminated_as_exit():
+            for bench in chosen:
+                print(f"== {bench.name} ({bench.script})", flush=True)
+                result = runner(bench, smoke=args.smoke)
+                results.append(result)
+                status = "measured" if result.measured else "NOT MEASURED: " + result.problem()
+                print(f"== {bench.name}: {status} in {result.seconds:.0f} s", flush=True)
+    except KeyboardInterrupt:
+        print("== interrupted: the running benchmark and what it started are stopped",
+              flush=True)
+        return 130
     text = report(results, time.monotonic() - started, args.smoke)
     print("\n" + text)
     if args.markdown:
