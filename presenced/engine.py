@@ -286,8 +286,11 @@ def _canonical(value: object) -> object:
 def _canonical_roles(roles: object) -> object:
     """A list of role strings as an equal new list of interned strings (a few roles, shared
     by most users); anything else as read."""
-    if type(roles) is list and all(type(role) is str for role in roles):
-        return [sys.intern(role) for role in roles]
+    if type(roles) is list:
+        try:
+            return [sys.intern(role) for role in roles]
+        except TypeError:  # not a plain str: kept as read
+            pass
     return roles
 
 
@@ -445,7 +448,7 @@ class Engine:
         if user_doc is None:
             self.forget(user_id)
             return None
-        if not isinstance(user_doc, Mapping):
+        if type(user_doc) is not dict and not isinstance(user_doc, Mapping):
             self._refuse("users", user_id, ["user_not_a_document"], repr(user_doc)[:500])
             self.forget(user_id)
             return None
@@ -453,7 +456,7 @@ class Engine:
         if user_reasons:
             self._refuse("users", user_id, user_reasons, _bad_user_content(user_doc, user_reasons))
         raw_connections: object = None
-        if isinstance(sessions_doc, Mapping):
+        if type(sessions_doc) is dict or isinstance(sessions_doc, Mapping):
             raw_connections = sessions_doc.get("connections")
         elif sessions_doc is not None:
             self._refuse("sessions", user_id, ["sessions_not_a_document"], repr(sessions_doc)[:500])

@@ -268,18 +268,24 @@ def parse_user(raw: Mapping[str, object]) -> tuple[UserState, list[str]]:
     if not isinstance(active, bool):
         reasons.append("user_bad_active")
         active = True
-
-    def status_field(name: str, reason: str) -> Status | None:
+    status_default = Status.ONLINE
+    for name, reason in _USER_STATUS_FIELDS:
         value = raw.get(name)
+        if value is None:
+            continue
         status = _parse_status(value)
-        if value is not None and status is None:
+        if status is None:
             reasons.append(reason)
-        return status
-
-    status_default = status_field("statusDefault", "user_bad_status_default") or Status.ONLINE
-    status_field("status", "user_bad_status")
-    status_field("statusConnection", "user_bad_status_connection")
+        elif name == "statusDefault":
+            status_default = status
     return _USER_STATES[active, status_default], reasons
+
+
+_USER_STATUS_FIELDS: Final = (
+    ("statusDefault", "user_bad_status_default"),
+    ("status", "user_bad_status"),
+    ("statusConnection", "user_bad_status_connection"),
+)
 
 
 def parse_instances(docs: Iterable[object]) -> tuple[dict[str, int | None], list[str]]:
