@@ -506,7 +506,9 @@ class Engine:
                 cached.instance_ids = instance_ids
             cached.answer = derived.presence
             cached.status_text = user_doc.get("statusText", ABSENT)
-            cached.roles = _canonical_roles(user_doc.get("roles", ABSENT))
+            roles = user_doc.get("roles", ABSENT)
+            if not _same_value(roles, cached.roles):  # the same roles: keep the list held
+                cached.roles = _canonical_roles(roles)
             cached.read_seq = read_seq if read_seq is not None else -1
         if self._connections > self._peak_connections:
             self._peak_connections = self._connections
