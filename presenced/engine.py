@@ -21,42 +21,45 @@ with ``take_refused`` and report. The stored ``status``/``statusConnection`` are
 as read (any BSON value, or ``presence.ABSENT``), so a planned write expects what is really
 there and can replace whatever it is.
 
-Cached entries are frozen and replaced, never mutated, so a value handed out (a
-``PlannedWrite``, a ``Transition``, a ``ReapCandidate``) never changes behind its holder.
+The values handed out (a ``PlannedWrite``, a ``Transition``, a ``ReapCandidate``) are frozen,
+so they never change behind their holder; the per-user records are private, small and
+updated in place. Nothing here walks every cached user: timers come from the heap, the
+reaper's candidates from a set kept up to date by each derivation, each timer and the
+instance index.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+import sys
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, Final
-
-from cachetools import Cache, LRUCache
+from typing import Any, Final, TypeAlias
 
 from presenced.presence import (
     ABSENT,
     NO_INSTANCES,
     Connection,
+    Derived,
     InstanceLiveness,
     Presence,
     ReapPlan,
     Status,
     UserState,
     counts,
-    derive,
+    derive_next,
     from_ms,
     needs_write,
-    next_change_ms,
     parse_connections,
     parse_user,
     reap_plan,
 )
+from presenced.presence import reapable as uncounted_connections
 
 __all__ = [
     "Engine",
@@ -180,43 +183,122 @@ class EngineStats:
     evictions: int
 
 
-@dataclass(frozen=True, slots=True)
 class _CachedUser:
-    """What the engine knows of one user: the last documents read, and the last answer."""
+    """What the engine knows of one user: the last documents read, the last answer, and
+    the user's timer.
 
-    username: str | None
-    state: UserState
-    connections: tuple[Connection, ...]
-    stored_status: object
-    stored_status_connection: object
-    instance_ids: frozenset[str]
-    answer: Presence
-    status_text: object = ABSENT
-    roles: object = ABSENT
-    read_seq: int = -1
-    """The sequence number of the read these documents came from (``load``'s)."""
-    confirmed: bool = False
-    """The stored pair is the one a confirmed write put there (so a second confirm of it is
-    a duplicate), not merely one read from the document."""
+    A plain ``__slots__`` record, private to the engine and updated in place (it is never
+    handed out: planned writes and transitions copy what they need). One per cached user,
+    so it is kept small: shared :class:`UserState` and :class:`Presence` values, interned
+    status strings, and ``instance_ids`` as None, one id, or a frozenset of two or more.
+    """
+
+    __slots__ = (
+        "answer",
+        "confirmed",
+        "connections",
+        "instance_ids",
+        "queued_at",
+        "read_seq",
+        "roles",
+        "state",
+        "status_text",
+        "stored_status",
+        "stored_status_connection",
+        "timer_at",
+        "username",
+    )
+
+    def __init__(
+        self,
+        username: str | None,
+        state: UserState,
+        connections: tuple[Connection, ...],
+        stored_status: object,
+        stored_status_connection: object,
+        instance_ids: _InstanceIds,
+        answer: Presence,
+        status_text: object,
+        roles: object,
+        read_seq: int,
+        confirmed: bool,
+    ) -> None:
+        self.username = username
+        self.state = state
+        self.connections = connections
+        self.stored_status = stored_status
+        self.stored_status_connection = stored_status_connection
+        self.instance_ids = instance_ids
+        self.answer = answer
+        self.status_text = status_text
+        self.roles = roles
+        self.read_seq = read_seq
+        """The sequence number of the read these documents came from (``load``'s)."""
+        self.confirmed = confirmed
+        """The stored pair is the one a confirmed write put there (so a second confirm of
+        it is a duplicate), not merely one read from the document."""
+        self.timer_at: int | None = None
+        """When the user's answer changes by itself (None: never, with no new data)."""
+        self.queued_at: int | None = None
+        """The instant of the user's entry in the timer heap, at or before ``timer_at``
+        (None: no entry). A later ``timer_at`` does not push a new entry: the early one
+        is moved when it reaches the top of the heap."""
 
 
-class _UserCache(LRUCache[Any, _CachedUser]):
-    """An LRU cache that tells its owner which user it evicted, so the user's timer and
-    instance-index entries go with it (an evicted user is re-read, never resurrected)."""
+_InstanceIds: TypeAlias = str | frozenset[str] | None
+"""The instances a user's connections are on: none, one (the common case), or more."""
 
-    def __init__(self, maxsize: int, on_evict: Callable[[Any, _CachedUser], None]) -> None:
-        super().__init__(maxsize)
-        self._on_evict = on_evict
 
-    def popitem(self) -> tuple[Any, _CachedUser]:
-        # cachetools calls popitem only to make room; forget() deletes with ``pop``.
-        user_id, cached = super().popitem()
-        self._on_evict(user_id, cached)
-        return user_id, cached
+def _instance_ids(connections: Iterable[Connection]) -> _InstanceIds:
+    found: _InstanceIds = None
+    for conn in connections:
+        instance_id = conn.instance_id
+        if instance_id is None or instance_id == found:
+            continue
+        if found is None:
+            found = instance_id
+        elif isinstance(found, str):
+            found = frozenset((found, instance_id))
+        elif instance_id not in found:
+            found = found | {instance_id}
+    return found
 
-    def peek_items(self) -> list[tuple[Any, _CachedUser]]:
-        """Every entry, without marking any as recently used (a sweep is not a use)."""
-        return [(user_id, Cache.__getitem__(self, user_id)) for user_id in list(self)]
+
+def _as_ids(instance_ids: _InstanceIds) -> frozenset[str] | tuple[str, ...]:
+    if instance_ids is None:
+        return ()
+    if isinstance(instance_ids, str):
+        return (instance_ids,)
+    return instance_ids
+
+
+_CANONICAL_STATUS: Final[Mapping[str, str]] = {status.value: status.value for status in Status}
+"""A stored ``status`` read as one of the four known strings is kept as this one shared
+copy (the same type and value: the comparisons as read are unchanged)."""
+
+
+def _canonical(value: object) -> object:
+    if type(value) is str:
+        return _CANONICAL_STATUS.get(value, value)
+    return value
+
+
+def _canonical_roles(roles: object) -> object:
+    """A list of role strings as an equal new list of interned strings (a few roles, shared
+    by most users); anything else as read."""
+    if type(roles) is list:
+        try:
+            return [sys.intern(role) for role in roles]
+        except TypeError:  # not a plain str: kept as read
+            pass
+    return roles
+
+
+def _tiebreak(user_id: Any, tokens: Iterator[int]) -> int:
+    """The second item of a heap entry: timers at the same instant compare string user ids
+    (0 for all), and any other id gets a unique number, so ids of different types are never
+    compared with each other."""
+    return 0 if type(user_id) is str else next(tokens)
 
 
 def _as_presence(status: object, status_connection: object) -> Presence | None:
@@ -282,15 +364,21 @@ class Engine:
         self._liveness: InstanceLiveness = NO_INSTANCES
         self._connections = 0
         self._peak_connections = 0
-        self._users = _UserCache(max_users, self._on_evict)
+        # The cache, least recently used first: ``_use`` moves a user to the end, an insert
+        # beyond ``max_users`` evicts the first.
+        self._users: OrderedDict[Any, _CachedUser] = OrderedDict()
+        self._max_users = max_users
         # instance id -> users with at least one connection on it (cached users only).
         self._by_instance: dict[str, set[Any]] = {}
-        # Timers: a heap of (at_ms, token, user_id) and the live token of each user. Tokens
-        # come from one global sequence, so an entry left behind by a superseded timer, a
-        # forgotten or an evicted user can never match again (lazy deletion).
+        # Users last seen holding a connection that no longer counts (or whose timer
+        # fired): where the reaper looks, with the timers due and the dead instances' users.
+        self._reapable: dict[Any, None] = {}
+        # Timers: a heap of (at_ms, tiebreak, user_id); an entry is live while its user is
+        # cached with ``queued_at == at_ms`` (lazy deletion). ``_timers`` counts the users
+        # with a ``timer_at``.
         self._heap: list[tuple[int, int, Any]] = []
-        self._timer_token: dict[Any, int] = {}
-        self._tokens = itertools.count()
+        self._timers = 0
+        self._tokens = itertools.count(1)
         self._refused: list[Refused] = []
         # The write under way for each user (planned, not yet confirmed or given up): a
         # second load that derives the same answer meanwhile plans nothing.
@@ -354,13 +442,13 @@ class Engine:
         ``read_seq`` orders concurrent reads (a read started later has a higher number):
         documents older than those already taken for the user are ignored.
         """
-        previous = self._users.get(user_id)
+        previous = self._use(user_id)
         if read_seq is not None and previous is not None and previous.read_seq > read_seq:
             return None
         if user_doc is None:
             self.forget(user_id)
             return None
-        if not isinstance(user_doc, Mapping):
+        if type(user_doc) is not dict and not isinstance(user_doc, Mapping):
             self._refuse("users", user_id, ["user_not_a_document"], repr(user_doc)[:500])
             self.forget(user_id)
             return None
@@ -368,38 +456,63 @@ class Engine:
         if user_reasons:
             self._refuse("users", user_id, user_reasons, _bad_user_content(user_doc, user_reasons))
         raw_connections: object = None
-        if isinstance(sessions_doc, Mapping):
+        if type(sessions_doc) is dict or isinstance(sessions_doc, Mapping):
             raw_connections = sessions_doc.get("connections")
         elif sessions_doc is not None:
             self._refuse("sessions", user_id, ["sessions_not_a_document"], repr(sessions_doc)[:500])
-        connections, connection_reasons = parse_connections(raw_connections)
+        parsed, connection_reasons = parse_connections(raw_connections)
         if connection_reasons:
             self._refuse(
                 "sessions", user_id, connection_reasons, _bad_connections_content(raw_connections)
             )
+        connections = tuple(parsed)
+        derived = derive_next(state, connections, now_ms, self._ttl_ms, self._liveness)
         username = user_doc.get("username")
-        stored_status = user_doc.get("status", ABSENT)
-        stored_status_connection = user_doc.get("statusConnection", ABSENT)
-        cached = _CachedUser(
-            username=username if isinstance(username, str) else None,
-            state=state,
-            connections=tuple(connections),
-            stored_status=stored_status,
-            stored_status_connection=stored_status_connection,
-            instance_ids=frozenset(c.instance_id for c in connections if c.instance_id),
-            answer=derive(state, connections, now_ms, self._ttl_ms, self._liveness),
-            status_text=user_doc.get("statusText", ABSENT),
-            roles=user_doc.get("roles", ABSENT),
-            read_seq=read_seq if read_seq is not None else -1,
-            confirmed=previous is not None
-            and previous.confirmed
-            and _same_value(previous.stored_status, stored_status)
-            and _same_value(previous.stored_status_connection, stored_status_connection),
-        )
-        self._users[user_id] = cached
-        self._reindex(user_id, previous.instance_ids if previous else frozenset(), cached)
-        self._count_connections(previous, cached)
-        return self._settle(user_id, cached, now_ms, reason)
+        stored_status = _canonical(user_doc.get("status", ABSENT))
+        stored_status_connection = _canonical(user_doc.get("statusConnection", ABSENT))
+        instance_ids = _instance_ids(connections)
+        if previous is None:
+            cached = _CachedUser(
+                username=username if isinstance(username, str) else None,
+                state=state,
+                connections=connections,
+                stored_status=stored_status,
+                stored_status_connection=stored_status_connection,
+                instance_ids=instance_ids,
+                answer=derived.presence,
+                status_text=user_doc.get("statusText", ABSENT),
+                roles=_canonical_roles(user_doc.get("roles", ABSENT)),
+                read_seq=read_seq if read_seq is not None else -1,
+                confirmed=False,
+            )
+            self._insert(user_id, cached)
+            self._reindex(user_id, None, instance_ids)
+            self._connections += len(connections)
+        else:
+            cached = previous
+            cached.confirmed = (
+                cached.confirmed
+                and _same_value(cached.stored_status, stored_status)
+                and _same_value(cached.stored_status_connection, stored_status_connection)
+            )
+            cached.username = username if isinstance(username, str) else None
+            cached.state = state
+            self._connections += len(connections) - len(cached.connections)
+            cached.connections = connections
+            cached.stored_status = stored_status
+            cached.stored_status_connection = stored_status_connection
+            if instance_ids != cached.instance_ids:
+                self._reindex(user_id, cached.instance_ids, instance_ids)
+                cached.instance_ids = instance_ids
+            cached.answer = derived.presence
+            cached.status_text = user_doc.get("statusText", ABSENT)
+            roles = user_doc.get("roles", ABSENT)
+            if not _same_value(roles, cached.roles):  # the same roles: keep the list held
+                cached.roles = _canonical_roles(roles)
+            cached.read_seq = read_seq if read_seq is not None else -1
+        if self._connections > self._peak_connections:
+            self._peak_connections = self._connections
+        return self._settle(user_id, cached, derived, now_ms, reason)
 
     def evaluate(self, user_id: Any, now_ms: int, reason: Reason) -> PlannedWrite | None:
         """Re-derive a cached user at ``now_ms`` from what was last read (no new read).
@@ -407,25 +520,29 @@ class Engine:
         For a timer that fired or an instance change. An unknown user (never loaded,
         forgotten, evicted) gives None: the caller re-reads it with ``load`` if it matters.
         """
-        cached = self._users.get(user_id)
+        cached = self._use(user_id)
         if cached is None:
-            self._cancel_timer(user_id)
             return None
-        answer = derive(cached.state, cached.connections, now_ms, self._ttl_ms, self._liveness)
-        if answer != cached.answer:
-            cached = replace(cached, answer=answer)
-            self._users[user_id] = cached
-        return self._settle(user_id, cached, now_ms, reason)
+        derived = derive_next(
+            cached.state, cached.connections, now_ms, self._ttl_ms, self._liveness
+        )
+        cached.answer = derived.presence
+        return self._settle(user_id, cached, derived, now_ms, reason)
 
     def _settle(
-        self, user_id: Any, cached: _CachedUser, now_ms: int, reason: Reason
+        self, user_id: Any, cached: _CachedUser, derived: Derived, now_ms: int, reason: Reason
     ) -> PlannedWrite | None:
-        """Schedule the user's next change and plan the write the answer calls for, if any."""
-        at = next_change_ms(cached.connections, now_ms, self._ttl_ms, self._liveness)
+        """Schedule the user's next change, note whether it has something to reap, and plan
+        the write the answer calls for, if any."""
+        if derived.uncounted:
+            self._reapable[user_id] = None
+        elif user_id in self._reapable:
+            del self._reapable[user_id]
+        at = derived.next_change_ms
         if at is None:
-            self._cancel_timer(user_id)
+            self._cancel_timer(cached)
         else:
-            self._schedule(user_id, at)
+            self._schedule(user_id, cached, at)
         if not needs_write(cached.stored_status, cached.stored_status_connection, cached.answer):
             return None
         pending = self._in_flight.get(user_id)
@@ -466,7 +583,7 @@ class Engine:
         """
         new_status = write.presence.status.value
         new_status_connection = write.presence.status_connection.value
-        cached = self._users.get(write.user_id)
+        cached = self._use(write.user_id)
         username, status_text, roles = write.username, write.status_text, write.roles
         if cached is not None:
             if (
@@ -475,15 +592,12 @@ class Engine:
                 and _same_value(cached.stored_status_connection, new_status_connection)
             ):
                 return None
-            self._users[write.user_id] = replace(
-                cached,
-                stored_status=new_status,
-                stored_status_connection=new_status_connection,
-                confirmed=True,
-            )
+            cached.stored_status = new_status
+            cached.stored_status_connection = new_status_connection
+            cached.confirmed = True
             username, status_text, roles = cached.username, cached.status_text, cached.roles
             if cached.answer != write.presence:
-                self._schedule(write.user_id, now_ms)
+                self._schedule(write.user_id, cached, now_ms)
         previous = _as_presence(write.expected_status, write.expected_status_connection)
         if previous == write.presence:
             return None
@@ -505,21 +619,19 @@ class Engine:
         """Drop everything known about a user: cached documents, index entries, timer."""
         cached = self._users.pop(user_id, None)
         if cached is not None:
-            self._reindex(user_id, cached.instance_ids, None)
-            self._count_connections(cached, None)
-        self._cancel_timer(user_id)
+            self._drop(user_id, cached)
         self._in_flight.pop(user_id, None)
 
     def presence(self, user_id: Any) -> Presence | None:
         """The last derived answer for a cached user (None if not cached)."""
-        cached = self._users.get(user_id)
+        cached = self._use(user_id)
         return None if cached is None else cached.answer
 
     def counts_connection(self, user_id: Any, connection_id: str, now_ms: int) -> bool:
         """True if the user is held and every entry with ``connection_id`` counts at
         ``now_ms``: a heartbeat of that connection cannot change the user's answer (only
         when it stops counting, which its timer will see with the heartbeat's new date)."""
-        cached = self._users.get(user_id)
+        cached = self._use(user_id)
         if cached is None:
             return False
         entries = [c for c in cached.connections if c.id == connection_id]
@@ -529,7 +641,7 @@ class Engine:
 
     def holds(self, user_id: Any, pair: tuple[str, str]) -> bool:
         """True if the stored (status, statusConnection) held for the user is ``pair``."""
-        cached = self._users.get(user_id)
+        cached = self._use(user_id)
         return (
             cached is not None
             and _same_value(cached.stored_status, pair[0])
@@ -539,28 +651,42 @@ class Engine:
     def __contains__(self, user_id: object) -> bool:
         return user_id in self._users
 
-    def _on_evict(self, user_id: Any, cached: _CachedUser) -> None:
-        self._evictions += 1
-        self._reindex(user_id, cached.instance_ids, None)
-        self._count_connections(cached, None)
-        self._cancel_timer(user_id)
+    def _use(self, user_id: Any) -> _CachedUser | None:
+        """The cached user, marked as the most recently used."""
+        cached = self._users.get(user_id)
+        if cached is not None:
+            self._users.move_to_end(user_id)
+        return cached
 
-    def _reindex(self, user_id: Any, old: frozenset[str], new: _CachedUser | None) -> None:
-        current = new.instance_ids if new is not None else frozenset()
-        for instance_id in old - current:
+    def _insert(self, user_id: Any, cached: _CachedUser) -> None:
+        """Cache a new user; evict the least recently used one beyond ``max_users`` (an
+        evicted user is re-read when it matters again, never resurrected)."""
+        self._users[user_id] = cached
+        if len(self._users) > self._max_users:
+            evicted_id, evicted = self._users.popitem(last=False)
+            self._evictions += 1
+            self._drop(evicted_id, evicted)
+
+    def _drop(self, user_id: Any, cached: _CachedUser) -> None:
+        """The index, timer and counters of a user that just left the cache."""
+        self._reindex(user_id, cached.instance_ids, None)
+        self._connections -= len(cached.connections)
+        self._cancel_timer(cached)
+        self._reapable.pop(user_id, None)
+
+    def _reindex(self, user_id: Any, old: _InstanceIds, new: _InstanceIds) -> None:
+        old_ids, new_ids = _as_ids(old), _as_ids(new)
+        for instance_id in old_ids:
+            if instance_id in new_ids:
+                continue
             users = self._by_instance.get(instance_id)
             if users is not None:
                 users.discard(user_id)
                 if not users:
                     del self._by_instance[instance_id]
-        for instance_id in current - old:
-            self._by_instance.setdefault(instance_id, set()).add(user_id)
-
-    def _count_connections(self, old: _CachedUser | None, new: _CachedUser | None) -> None:
-        self._connections += (len(new.connections) if new else 0) - (
-            len(old.connections) if old else 0
-        )
-        self._peak_connections = max(self._peak_connections, self._connections)
+        for instance_id in new_ids:
+            if instance_id not in old_ids:
+                self._by_instance.setdefault(instance_id, set()).add(user_id)
 
     def reset_peak(self) -> None:
         """Start the peak of ``stats().peak_connections`` again from the current count."""
@@ -568,50 +694,129 @@ class Engine:
 
     # ------------------------------------------------------------------ timers
 
-    def _schedule(self, user_id: Any, at_ms: int) -> None:
-        token = next(self._tokens)
-        self._timer_token[user_id] = token
-        heapq.heappush(self._heap, (at_ms, token, user_id))
-        # Superseded entries are dropped lazily; rebuild when they dominate the heap, so a
-        # user heartbeating for days does not grow it without bound.
-        if len(self._heap) > 2 * len(self._timer_token) + 1024:
-            self._heap = [entry for entry in self._heap if self._is_live(entry)]
-            heapq.heapify(self._heap)
+    def _schedule(self, user_id: Any, cached: _CachedUser, at_ms: int) -> None:
+        if cached.timer_at is None:
+            self._timers += 1
+        cached.timer_at = at_ms
+        # A later instant than the queued entry (a heartbeat) moves nothing now: the entry
+        # is moved to ``timer_at`` when it reaches the top (``due``, ``next_deadline``).
+        if cached.queued_at is not None and cached.queued_at <= at_ms:
+            return
+        cached.queued_at = at_ms
+        heapq.heappush(self._heap, (at_ms, _tiebreak(user_id, self._tokens), user_id))
+        # Superseded entries are dropped lazily; rebuild when they dominate the heap.
+        if len(self._heap) > 2 * self._timers + 1024:
+            self._compact()
 
-    def _cancel_timer(self, user_id: Any) -> None:
-        self._timer_token.pop(user_id, None)
+    def _cancel_timer(self, cached: _CachedUser) -> None:
+        if cached.timer_at is not None:
+            cached.timer_at = None
+            self._timers -= 1
 
-    def _is_live(self, entry: tuple[int, int, Any]) -> bool:
-        _, token, user_id = entry
-        return self._timer_token.get(user_id) == token
+    def _owner(self, entry: tuple[int, int, Any]) -> _CachedUser | None:
+        """The cached user whose heap entry this is; None for a superseded entry."""
+        cached = self._users.get(entry[2])
+        return cached if cached is not None and cached.queued_at == entry[0] else None
+
+    def _compact(self) -> None:
+        live: list[tuple[int, int, Any]] = []
+        for entry in self._heap:
+            cached = self._owner(entry)
+            if cached is None:
+                continue
+            if cached.timer_at is None:
+                cached.queued_at = None
+            else:
+                live.append(entry)
+        heapq.heapify(live)
+        self._heap = live
+
+    def _requeue_top(self, cached: _CachedUser) -> None:
+        """The heap's top entry is ``cached``'s, earlier than its ``timer_at``: move it."""
+        at = cached.timer_at
+        if at is None:
+            cached.queued_at = None
+            heapq.heappop(self._heap)
+        else:
+            cached.queued_at = at
+            _, tiebreak, user_id = self._heap[0]
+            heapq.heapreplace(self._heap, (at, tiebreak, user_id))
 
     def due(self, now_ms: int) -> list[Any]:
         """Pop the users whose timer is at or before ``now_ms``, for ``evaluate``."""
         due: list[Any] = []
-        while self._heap and self._heap[0][0] <= now_ms:
-            entry = heapq.heappop(self._heap)
-            if self._is_live(entry):
-                del self._timer_token[entry[2]]
-                due.append(entry[2])
+        heap = self._heap
+        while heap and heap[0][0] <= now_ms:
+            cached = self._owner(heap[0])
+            if cached is None:
+                heapq.heappop(heap)
+            elif cached.timer_at is not None and cached.timer_at <= now_ms:
+                user_id = heapq.heappop(heap)[2]
+                cached.queued_at = cached.timer_at = None
+                self._timers -= 1
+                # Something stopped counting: the reaper looks at the user until a
+                # derivation shows every connection counts again.
+                self._reapable[user_id] = None
+                due.append(user_id)
+            else:
+                self._requeue_top(cached)
         return due
 
     def next_deadline(self) -> int | None:
         """The earliest pending timer in ms, or None when nothing can change by itself."""
-        while self._heap and not self._is_live(self._heap[0]):
-            heapq.heappop(self._heap)
-        return self._heap[0][0] if self._heap else None
+        heap = self._heap
+        while heap:
+            cached = self._owner(heap[0])
+            if cached is None:
+                heapq.heappop(heap)
+            elif cached.timer_at == heap[0][0]:
+                return cached.timer_at
+            else:
+                self._requeue_top(cached)
+        return None
 
     # ------------------------------------------------------------------ reaper
 
     def reapable(self, now_ms: int) -> list[ReapCandidate]:
         """Per cached user, the reaper's plan (``presence.reap_plan``): the connections that
-        no longer count, never an id that would also pull a counted one."""
+        no longer count, never an id that would also pull a counted one.
+
+        Only the users that may have one are looked at, not every cached user: those a
+        derivation or a timer left in the reapable set, those whose timer is due (not yet
+        popped), and those with a connection on an instance that is dead now.
+        """
+        looked_at = dict(self._reapable)
+        looked_at.update(dict.fromkeys(self._timers_due(now_ms)))
+        for instance_id, user_ids in self._by_instance.items():
+            if self._liveness.is_dead(instance_id, now_ms):
+                looked_at.update(dict.fromkeys(user_ids))
         candidates: list[ReapCandidate] = []
-        for user_id, cached in self._users.peek_items():
+        for user_id in looked_at:
+            cached = self._users.get(user_id)
+            if cached is None:
+                self._reapable.pop(user_id, None)
+                continue
+            if not uncounted_connections(cached.connections, now_ms, self._ttl_ms, self._liveness):
+                self._reapable.pop(user_id, None)
+                continue
+            self._reapable[user_id] = None
             plan = reap_plan(cached.connections, now_ms, self._ttl_ms, self._liveness)
             if plan is not None:
                 candidates.append(ReapCandidate(user_id, plan))
         return candidates
+
+    def _timers_due(self, now_ms: int) -> list[Any]:
+        """The users of the heap entries at or before ``now_ms``, without popping them: a
+        walk of the heap's top, down only the branches that start at or before ``now_ms``."""
+        heap, found = self._heap, []
+        stack = [0] if heap and heap[0][0] <= now_ms else []
+        while stack:
+            i = stack.pop()
+            found.append(heap[i][2])
+            for child in (2 * i + 1, 2 * i + 2):
+                if child < len(heap) and heap[child][0] <= now_ms:
+                    stack.append(child)
+        return found
 
     @property
     def liveness(self) -> InstanceLiveness:
@@ -636,10 +841,10 @@ class Engine:
     # ------------------------------------------------------------------ metrics
 
     def stats(self) -> EngineStats:
-        """Users cached, live timers, and the decision counters since start."""
+        """Users cached, live timers, and the decision counters since start (no walk)."""
         return EngineStats(
             users_tracked=len(self._users),
-            timers_pending=len(self._timer_token),
+            timers_pending=self._timers,
             connections=self._connections,
             peak_connections=self._peak_connections,
             writes_planned=MappingProxyType(dict(self._writes_planned)),

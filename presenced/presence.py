@@ -14,12 +14,13 @@ that the caller counts in a metric.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Final
+from typing import Final, NamedTuple
 
 
 class Status(StrEnum):
@@ -63,15 +64,22 @@ class Collections:
     def names(self) -> tuple[str, str, str]:
         """The three Rocket.Chat collection names presence watches, users first."""
         return (self.users, self.sessions, self.instances)
+
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_NAIVE = datetime(1970, 1, 1)
 _ONE_MS = timedelta(milliseconds=1)
-_STATUS_VALUES = frozenset(status.value for status in Status)
+_STATUS_OF: Final[Mapping[str, Status]] = {status.value: status for status in Status}
 
 
 def to_ms(dt: datetime) -> int:
-    """Milliseconds since the epoch, floored (as BSON stores it); a naive datetime is UTC."""
+    """Milliseconds since the epoch, floored (as BSON stores it); a naive datetime is UTC.
+
+    pymongo returns naive UTC datetimes: those are subtracted from a naive epoch, with no
+    ``replace`` (one object less per date on the hot path; the same result).
+    """
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
+        return (dt - _EPOCH_NAIVE) // _ONE_MS
     return (dt - _EPOCH) // _ONE_MS
 
 
@@ -80,14 +88,22 @@ def from_ms(ms: int) -> datetime:
     return _EPOCH + ms * _ONE_MS
 
 
-@dataclass(frozen=True, slots=True)
-class Connection:
-    """One entry of ``usersSessions.connections`` (one DDP connection of the user)."""
+class Connection(NamedTuple):
+    """One entry of ``usersSessions.connections`` (one DDP connection of the user).
+
+    A named tuple rather than a frozen dataclass: as immutable, and built without a Python
+    ``__init__`` (the engine parses one per connection per event).
+    """
 
     id: str
     instance_id: str | None
     status: Status
     updated_ms: int
+
+
+_new_connection: Final = tuple.__new__
+"""``_new_connection(Connection, (id, instance_id, status, updated_ms))``: a
+:class:`Connection` without the Python-level ``__new__`` of a named tuple."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +123,19 @@ class Presence:
 
 
 OFFLINE_PRESENCE = Presence(Status.OFFLINE, Status.OFFLINE)
+
+_PRESENCES: Final[Mapping[tuple[Status, Status], Presence]] = {
+    (status, status_connection): Presence(status, status_connection)
+    for status in Status
+    for status_connection in Status
+}
+"""Every pair, built once: the derivation hands out these shared (frozen) values."""
+
+_USER_STATES: Final[Mapping[tuple[bool, Status], UserState]] = {
+    (active, status_default): UserState(active, status_default)
+    for active in (True, False)
+    for status_default in Status
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,10 +157,16 @@ class InstanceLiveness:
     updated_ms: Mapping[str, int | None]
     timeout_ms: int
     unlisted_dead: bool = True
+    dies_at: Mapping[str, int | None] = field(init=False, repr=False, compare=False)
+    """Each listed instance's ``dies_at_ms`` (None: never by timeout), computed once."""
 
     def __post_init__(self) -> None:
         # A read-only copy: the caller's dict cannot change a frozen snapshot behind its back.
         object.__setattr__(self, "updated_ms", MappingProxyType(dict(self.updated_ms)))
+        object.__setattr__(self, "dies_at", {
+            instance_id: None if updated is None else updated + self.timeout_ms + 1
+            for instance_id, updated in self.updated_ms.items()
+        })
 
     def is_dead(self, instance_id: str | None, now_ms: int) -> bool:
         """True if the instance is known to be dead at ``now_ms``.
@@ -167,9 +202,7 @@ NO_INSTANCES = InstanceLiveness({}, 0)
 
 
 def _parse_status(value: object) -> Status | None:
-    if isinstance(value, str) and value in _STATUS_VALUES:
-        return Status(value)
-    return None
+    return _STATUS_OF.get(value) if isinstance(value, str) else None
 
 
 def parse_connections(raw: object) -> tuple[list[Connection], list[str]]:
@@ -190,11 +223,12 @@ def parse_connections(raw: object) -> tuple[list[Connection], list[str]]:
     connections: list[Connection] = []
     reasons: list[str] = []
     for entry in raw:
-        if not isinstance(entry, Mapping):
+        if type(entry) is not dict and not isinstance(entry, Mapping):
             reasons.append("connection_not_a_document")
             continue
         conn_id = entry.get("id")
-        status = _parse_status(entry.get("status"))
+        raw_status = entry.get("status")
+        status = _STATUS_OF.get(raw_status) if isinstance(raw_status, str) else None
         updated = entry.get("_updatedAt")
         if not isinstance(conn_id, str):
             reasons.append("connection_missing_id")
@@ -204,10 +238,19 @@ def parse_connections(raw: object) -> tuple[list[Connection], list[str]]:
             reasons.append("connection_bad_updated_at")
         else:
             instance_id = entry.get("instanceId")
-            if instance_id is not None and not isinstance(instance_id, str):
+            if type(instance_id) is str:
+                # A handful of instances, shared by every user: one copy of each id.
+                instance_id = sys.intern(instance_id)
+            elif instance_id is not None and not isinstance(instance_id, str):
                 reasons.append("connection_bad_instance_id")
                 instance_id = None
-            connections.append(Connection(conn_id, instance_id, status, to_ms(updated)))
+            if updated.tzinfo is None:  # pymongo's naive UTC: to_ms, inlined
+                updated_ms = (updated - _EPOCH_NAIVE) // _ONE_MS
+            else:
+                updated_ms = to_ms(updated)
+            connections.append(
+                _new_connection(Connection, (conn_id, instance_id, status, updated_ms))
+            )
     return connections, reasons
 
 
@@ -225,18 +268,24 @@ def parse_user(raw: Mapping[str, object]) -> tuple[UserState, list[str]]:
     if not isinstance(active, bool):
         reasons.append("user_bad_active")
         active = True
-
-    def status_field(name: str, reason: str) -> Status | None:
+    status_default = Status.ONLINE
+    for name, reason in _USER_STATUS_FIELDS:
         value = raw.get(name)
+        if value is None:
+            continue
         status = _parse_status(value)
-        if value is not None and status is None:
+        if status is None:
             reasons.append(reason)
-        return status
+        elif name == "statusDefault":
+            status_default = status
+    return _USER_STATES[active, status_default], reasons
 
-    status_default = status_field("statusDefault", "user_bad_status_default") or Status.ONLINE
-    status_field("status", "user_bad_status")
-    status_field("statusConnection", "user_bad_status_connection")
-    return UserState(active, status_default), reasons
+
+_USER_STATUS_FIELDS: Final = (
+    ("statusDefault", "user_bad_status_default"),
+    ("status", "user_bad_status"),
+    ("statusConnection", "user_bad_status_connection"),
+)
 
 
 def parse_instances(docs: Iterable[object]) -> tuple[dict[str, int | None], list[str]]:
@@ -292,11 +341,70 @@ def derive(
             break
         if conn.status != Status.OFFLINE and counts(conn, now_ms, ttl_ms, liveness):
             status_connection = conn.status
-    if status_connection == Status.OFFLINE:
+    return _presence_of(user, status_connection)
+
+
+def _presence_of(user: UserState, status_connection: Status) -> Presence:
+    """Rules 3-5 once the fold gave ``status_connection``."""
+    if not user.active or status_connection == Status.OFFLINE:
         return OFFLINE_PRESENCE
     if user.status_default == Status.ONLINE:
-        return Presence(status_connection, status_connection)
-    return Presence(user.status_default, status_connection)
+        return _PRESENCES[status_connection, status_connection]
+    return _PRESENCES[user.status_default, status_connection]
+
+
+class Derived(NamedTuple):
+    """What one pass over a user's connections gives (:func:`derive_next`)."""
+
+    presence: Presence
+    """``derive``'s answer."""
+    next_change_ms: int | None
+    """``next_change_ms``'s instant."""
+    uncounted: bool
+    """Some connection no longer counts (``reapable`` is not empty)."""
+
+
+def derive_next(
+    user: UserState,
+    connections: Iterable[Connection],
+    now_ms: int,
+    ttl_ms: int,
+    liveness: InstanceLiveness,
+) -> Derived:
+    """``derive``, ``next_change_ms`` and "is anything reapable" in one pass.
+
+    The same rules as those functions, walked once: a connection counts until the first
+    millisecond it is stale (``updated_ms + ttl_ms + 1``) or its instance is dead
+    (``dies_at``); the earliest of those instants among the counted connections is the next
+    change.
+    """
+    status_connection = Status.OFFLINE
+    next_at: int | None = None
+    uncounted = False
+    dies_at = liveness.dies_at
+    unlisted_dead = liveness.unlisted_dead
+    for conn in connections:
+        ends_at = conn.updated_ms + ttl_ms + 1
+        if ends_at <= now_ms:
+            uncounted = True
+            continue
+        instance_id = conn.instance_id
+        if instance_id is not None and dies_at:
+            if instance_id in dies_at:
+                instance_ends_at = dies_at[instance_id]
+                if instance_ends_at is not None:
+                    if instance_ends_at <= now_ms:
+                        uncounted = True
+                        continue
+                    ends_at = min(ends_at, instance_ends_at)
+            elif unlisted_dead:
+                uncounted = True
+                continue
+        if next_at is None or ends_at < next_at:
+            next_at = ends_at
+        if status_connection != Status.ONLINE and conn.status != Status.OFFLINE:
+            status_connection = conn.status
+    return Derived(_presence_of(user, status_connection), next_at, uncounted)
 
 
 def next_change_ms(
