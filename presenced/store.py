@@ -142,7 +142,7 @@ class PresenceStore(ActionStore, Protocol):
     def load_instances(self) -> list[Document]: ...
 
     def reconcile_page(
-        self, source: ReconcileSource, after: str | None, limit: int
+        self, source: ReconcileSource, after: str | None, limit: int, until: str | None = None
     ) -> list[Document]: ...
 
     def reconcile_strays(self, source: ReconcileSource) -> list[Document]: ...
@@ -266,10 +266,11 @@ class Store:
         )
 
     def reconcile_page(
-        self, source: ReconcileSource, after: str | None, limit: int
+        self, source: ReconcileSource, after: str | None, limit: int, until: str | None = None
     ) -> list[Document]:
         """One page of the documents presence must look at, in ``_id`` order, strictly
-        after ``after`` (None: from the first), at most ``limit``: ``usersSessions``
+        after ``after`` (None: from the first) and up to ``until`` included (None: no
+        bound), at most ``limit``: ``usersSessions``
         documents whose ``connections`` is non-empty (``source="sessions"``; ``_id`` and
         ``connections``, as ``load_sessions``), or ``users`` whose ``status`` or
         ``statusConnection`` is set and not ``"offline"`` (``"users"``; projected as
@@ -293,6 +294,8 @@ class Store:
         id_filter: Document = {"$type": "string"}
         if after is not None:
             id_filter["$gt"] = after
+        if until is not None:
+            id_filter["$lte"] = until
         with pymongo.timeout(SCAN_TIMEOUT_S):
             cursor = collection.find(
                 {"$and": [{"_id": id_filter}, query]}, projection,

@@ -345,12 +345,13 @@ class MemoryStore:
         return {"_id": user_id, **{f: copy.deepcopy(doc[f]) for f in USER_FIELDS if f in doc}}
 
     def reconcile_page(
-        self, source: ReconcileSource, after: str | None, limit: int
+        self, source: ReconcileSource, after: str | None, limit: int, until: str | None = None
     ) -> list[Document]:
         self._call("reconcile_page")
         self.pages.append((source, after))
         ids = sorted(uid for uid in self._reconcile_ids(source)
-                     if isinstance(uid, str) and (after is None or uid > after))
+                     if isinstance(uid, str) and (after is None or uid > after)
+                     and (until is None or uid <= until))
         return self._reconcile_docs(source, ids[:limit])
 
     def reconcile_strays(self, source: ReconcileSource) -> list[Document]:

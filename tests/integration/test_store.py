@@ -617,6 +617,19 @@ def test_a_reconcile_page_resumes_strictly_after_the_last_id_done(
     assert page("u4") == ["u5"]
 
 
+def test_a_reconcile_page_stops_at_its_upper_bound_included(
+    store: Store, db: Database[Doc]
+) -> None:
+    db.usersSessions.insert_many([session(f"u{n}", connection(f"c{n}")) for n in range(1, 6)])
+
+    def page(after: str | None, until: str | None) -> list[Any]:
+        return [doc["_id"] for doc in store.reconcile_page("sessions", after, 10, until)]
+
+    assert page(None, "u3") == ["u1", "u2", "u3"]
+    assert page("u3", "u4") == ["u4"]
+    assert page("u4", None) == ["u5"]
+
+
 def test_reconcile_strays_finds_the_ids_that_are_not_strings(
     store: Store, db: Database[Doc]
 ) -> None:

@@ -52,9 +52,10 @@ def test_each_user_is_read_once_the_scanned_document_is_not_read_again() -> None
             assert env.store.presence("stuck") == OFF
             assert env.store.presence("stuck-away") == OFF
             assert env.store.presence("offline") == OFF
-            # The sessions page held the sessions: only their users were read by _id; the
-            # users page held the users: only the sessions of those not seen yet.
-            assert sorted(u for ids in users_reads for u in ids) == ["both", "c1", "c2"]
+            # The scans held the sessions of the connected and the users stored online: by
+            # _id, only the users stored offline but connected, and the sessions of the
+            # users stored online without connections ("both" was in both scans).
+            assert sorted(u for ids in users_reads for u in ids) == ["c1", "c2"]
             assert sorted(u for ids in sessions_reads for u in ids) == ["stuck", "stuck-away"]
 
     run(scenario)
@@ -143,28 +144,80 @@ def test_pages_and_batches_are_pipelined_and_a_failing_page_still_checks_everyon
             failures = [AutoReconnect("timed out")] * 3
             original_page = env.store.reconcile_page
 
-            def flaky(source: ReconcileSource, after: str | None, limit: int) -> list[Any]:
+            def flaky(
+                source: ReconcileSource, after: str | None, limit: int,
+                until: str | None = None,
+            ) -> list[Any]:
                 if source == "sessions" and after == second_page_after and failures:
                     failures.pop()
                     raise AutoReconnect("timed out")
-                return original_page(source, after, limit)
+                return original_page(source, after, limit, until)
 
             env.store.reconcile_page = flaky  # type: ignore[method-assign]
-            # Each page scan takes 1 s, each batch's read by _id 1 s: one after another,
-            # 4 pages of the first source and 31 batches would take 35 s or more.
-            env.delays.update(reconcile_page=1.0, load_users=1.0)
+            # Each batch's read by _id takes 1 s: one after another, the 31 batches would
+            # take 31 s; MAX_CONCURRENT_SYNC (10) workers take 4.
+            env.delays.update(load_users=1.0)
             started = env.clock.monotonic()
             checked = await env.daemon.reconciler.reconcile("test")  # type: ignore[union-attr]
             elapsed = env.clock.monotonic() - started
             assert checked == users
             assert set(loaded) == set(env.store.users) and set(loaded.values()) == {1}
             assert all(env.store.presence(f"u{n:05d}") == ON for n in range(users))
-            # 3 failures cost 0.1 + 0.2 + 0.4 s of backoff, 3 s of failed tries (each
-            # delayed 1 s), and the pages' 6 s of reads (4 + 2 of the users pass); the
-            # batches' reads overlap them.
-            assert elapsed < 14.0, elapsed
+            # The failing scan's backoff (0.7 s) overlaps the batches of the first range.
+            assert elapsed <= 5.0, elapsed
             assert env.metric("presenced_mongodb_errors_total", component="reconcile") == 3
             assert not writer._open_reads  # every page's read was closed
+
+    run(scenario)
+
+
+def test_a_range_with_more_users_than_a_page_is_cut_and_every_user_checked_once() -> None:
+    count = 2 * PAGE + 3
+
+    async def scenario(env: Env) -> None:
+        now = env.now()
+        for n in range(count):  # stored online; one in three connected (and one away)
+            uid = f"u{n:05d}"
+            env.store.add_user(uid, status="online")
+            if n % 3 == 0:
+                env.store.connect(uid, f"c{n}", None, now, "away" if n == 3 else "online")
+        loaded: Counter[Any] = Counter()
+        record_all: list[list[Any]] = []
+        record(env, "load_sessions", record_all)
+        async with env.running():
+            writer = env.daemon.writer
+            assert writer is not None
+            original_load = writer.load_documents
+
+            async def counting(
+                seq: int, chunk: Sequence[Any], users: dict[Any, Any],
+                sessions: dict[Any, Any], reason: Reason,
+            ) -> list[Transition]:
+                loaded.update(chunk)
+                return await original_load(seq, chunk, users, sessions, reason)
+
+            writer.load_documents = counting  # type: ignore[method-assign]
+
+            def converged() -> None:
+                for n in range(count):
+                    expected = ON if n % 3 == 0 and n != 3 else OFF
+                    if n == 3:
+                        expected = ("away", "away")
+                    assert env.store.presence(f"u{n:05d}") == expected, n
+
+            converged()
+            for doc in env.store.users.values():  # stored online again, connected or not
+                doc["status"] = doc["statusConnection"] = "online"
+            record_all.clear()
+            checked = await env.daemon.reconciler.reconcile("test")  # type: ignore[union-attr]
+            assert checked == len(loaded) == count and set(loaded.values()) == {1}
+            converged()
+            # The sessions scan is never a full page here: each range is cut by the users
+            # page; a connected user is never read by _id, a user without connections is.
+            read_by_id = [u for ids in record_all for u in ids]
+            assert all(int(u[1:]) % 3 for u in read_by_id)
+            users_pages = [after for source, after in env.store.pages if source == "users"]
+            assert len(users_pages) >= 2 * 3  # two passes (start-up, test), 3 ranges each
 
     run(scenario)
 
