@@ -291,14 +291,14 @@ class Store:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
         collection, query, projection = self._reconcile_query(source)
-        id_filter: Document = {"$type": "string"}
-        if after is not None:
-            id_filter["$gt"] = after
+        # Strings only: a range bound of a string matches strings alone ("" is the least
+        # string), so no $type clause is needed (one less test per document scanned).
+        id_filter: Document = {"$gt": after} if after is not None else {"$gte": ""}
         if until is not None:
             id_filter["$lte"] = until
         with pymongo.timeout(SCAN_TIMEOUT_S):
             cursor = collection.find(
-                {"$and": [{"_id": id_filter}, query]}, projection,
+                {"_id": id_filter, **query}, projection,
                 sort=[("_id", ASCENDING)], limit=limit, batch_size=limit,
             )
             with cursor:
