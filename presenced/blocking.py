@@ -86,6 +86,8 @@ class StoreCalls:
         clock: Clock,
     ) -> None:
         self.store = store
+        self.max_concurrent = max_concurrent
+        """``MAX_CONCURRENT_SYNC``: write batches in flight (and reconcile batches)."""
         self._run_sync = run_sync
         self._reads = trio.CapacityLimiter(max_concurrent + 2)
         self._writes = trio.CapacityLimiter(max_concurrent)

@@ -200,7 +200,7 @@ SETTINGS_TABLE: Final[tuple[SettingDoc, ...]] = (
     SettingDoc(
         "MAX_CONCURRENT_SYNC",
         str(DEFAULT_MAX_CONCURRENT_SYNC),
-        "Write batches in flight at once (1-1000).",
+        "Write batches in flight at once; also reconcile batches loaded at once (1-1000).",
     ),
     SettingDoc("USERS_COLLECTION", DEFAULT_USERS_COLLECTION, "Collection of user documents."),
     SettingDoc(

@@ -142,10 +142,10 @@ class PresenceStore(ActionStore, Protocol):
     def load_instances(self) -> list[Document]: ...
 
     def reconcile_page(
-        self, source: ReconcileSource, after: str | None, limit: int
-    ) -> list[Any]: ...
+        self, source: ReconcileSource, after: str | None, limit: int, until: str | None = None
+    ) -> list[Document]: ...
 
-    def reconcile_strays(self, source: ReconcileSource) -> list[Any]: ...
+    def reconcile_strays(self, source: ReconcileSource) -> list[Document]: ...
 
     def estimated_count(self, source: ReconcileSource) -> int: ...
 
@@ -255,17 +255,27 @@ class Store:
 
     def _reconcile_query(
         self, source: ReconcileSource
-    ) -> tuple[MongoCollection[Document], Document]:
+    ) -> tuple[MongoCollection[Document], Document, Document]:
         if source == "sessions":
-            return self._sessions, {"connections.0": {"$exists": True}}
+            return self._sessions, {"connections.0": {"$exists": True}}, {"connections": 1}
         not_offline = {"$nin": [_OFFLINE, None]}
-        return self._users, {"$or": [{"status": not_offline}, {"statusConnection": not_offline}]}
+        return (
+            self._users,
+            {"$or": [{"status": not_offline}, {"statusConnection": not_offline}]},
+            dict.fromkeys(USER_FIELDS, 1),
+        )
 
-    def reconcile_page(self, source: ReconcileSource, after: str | None, limit: int) -> list[Any]:
-        """One page of the ids presence must look at, in ``_id`` order, strictly after
-        ``after`` (None: from the first), at most ``limit``: ``usersSessions`` documents
-        whose ``connections`` is non-empty (``source="sessions"``), or ``users`` whose
-        ``status`` or ``statusConnection`` is set and not ``"offline"`` (``"users"``).
+    def reconcile_page(
+        self, source: ReconcileSource, after: str | None, limit: int, until: str | None = None
+    ) -> list[Document]:
+        """One page of the documents presence must look at, in ``_id`` order, strictly
+        after ``after`` (None: from the first) and up to ``until`` included (None: no
+        bound), at most ``limit``: ``usersSessions``
+        documents whose ``connections`` is non-empty (``source="sessions"``; ``_id`` and
+        ``connections``, as ``load_sessions``), or ``users`` whose ``status`` or
+        ``statusConnection`` is set and not ``"offline"`` (``"users"``; projected as
+        ``load_users``). The documents themselves, so the reconciler reads each user's
+        document of the scanned collection once, and only the other one by ``_id``.
 
         String ids only (Rocket.Chat's ids are strings; MongoDB compares ``$gt`` within one
         BSON type): :meth:`reconcile_strays` gives the others. A page is its own query, so a
@@ -280,17 +290,19 @@ class Store:
         """
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
-        collection, query = self._reconcile_query(source)
-        id_filter: Document = {"$type": "string"}
-        if after is not None:
-            id_filter["$gt"] = after
+        collection, query, projection = self._reconcile_query(source)
+        # Strings only: a range bound of a string matches strings alone ("" is the least
+        # string), so no $type clause is needed (one less test per document scanned).
+        id_filter: Document = {"$gt": after} if after is not None else {"$gte": ""}
+        if until is not None:
+            id_filter["$lte"] = until
         with pymongo.timeout(SCAN_TIMEOUT_S):
             cursor = collection.find(
-                {"$and": [{"_id": id_filter}, query]}, {"_id": 1},
+                {"_id": id_filter, **query}, projection,
                 sort=[("_id", ASCENDING)], limit=limit, batch_size=limit,
             )
             with cursor:
-                return [doc["_id"] for doc in cursor]
+                return list(cursor)
 
     def estimated_count(self, source: ReconcileSource) -> int:
         """How many documents the collection of ``source`` holds, from its metadata (an
@@ -298,23 +310,24 @@ class Store:
 
         Cost: one ``count`` command answered from collection metadata (no scan).
         """
-        collection, _ = self._reconcile_query(source)
+        collection, _, _ = self._reconcile_query(source)
         return int(collection.estimated_document_count())
 
-    def reconcile_strays(self, source: ReconcileSource) -> list[Any]:
-        """The ids :meth:`reconcile_page` does not page through: those that are not strings
-        (none in a Rocket.Chat database; read whole, in one query).
+    def reconcile_strays(self, source: ReconcileSource) -> list[Document]:
+        """The documents :meth:`reconcile_page` does not page through: those whose ``_id``
+        is not a string (none in a Rocket.Chat database; read whole, in one query),
+        projected as a page.
 
         Cost: one ``find`` (``getMore`` per 101 documents past the first batch) under the
         :data:`SCAN_TIMEOUT_S` operation timeout.
         """
-        collection, query = self._reconcile_query(source)
+        collection, query, projection = self._reconcile_query(source)
         with pymongo.timeout(SCAN_TIMEOUT_S):
             cursor = collection.find(
-                {"$and": [{"_id": {"$not": {"$type": "string"}}}, query]}, {"_id": 1}
+                {"$and": [{"_id": {"$not": {"$type": "string"}}}, query]}, projection
             )
             with cursor:
-                return [doc["_id"] for doc in cursor]
+                return list(cursor)
 
     # ------------------------------------------------------------------ users writes
 

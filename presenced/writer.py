@@ -155,6 +155,59 @@ class Writer:
             uid: pair for uid, pair in confirmed.items() if uid in wanted
         }
 
+    # -- loads of documents read by the caller (reconciliation) ----------------------------
+    def open_read(self) -> int:
+        """Number a read the caller is about to start (call it BEFORE the read), and begin
+        collecting the pairs our writes confirm while it is under way. The number goes to
+        ``load_documents``; ``close_read`` ends the collection (every ``open_read`` needs
+        one, also when the read failed)."""
+        seq = next(self._read_seq)
+        self._open_reads[seq] = {}
+        return seq
+
+    def close_read(self, seq: int) -> None:
+        """End the read ``seq`` opened by ``open_read`` (again: a no-op)."""
+        self._open_reads.pop(seq, None)
+
+    async def load_documents(
+        self,
+        seq: int,
+        chunk: Sequence[Any],
+        users: dict[Any, Any],
+        sessions: dict[Any, Any],
+        reason: Reason,
+    ) -> list[Transition]:
+        """As ``load`` for at most ``BATCH`` distinct ids, with documents the caller read
+        itself after ``open_read`` gave it ``seq`` (still open): the engine takes them
+        unless it holds a newer read, and a pair our writes confirmed since ``seq`` opened
+        replaces the one read, as in ``_load_chunk``. Raises nothing MongoDB raises (a
+        failed write goes to the retry set)."""
+        confirmed = self._open_reads.get(seq, {})
+        for uid in chunk:
+            pair = confirmed.get(uid)
+            doc = users.get(uid)
+            if pair is not None and isinstance(doc, dict):
+                users[uid] = {**doc, "status": pair[0], "statusConnection": pair[1]}
+        now = self._clock.now_ms()
+        writes = [
+            w for uid in chunk
+            if (w := self._engine.load(
+                uid, users.get(uid), sessions.get(uid), now, reason, read_seq=seq
+            ))
+        ]
+        planned = {w.user_id for w in writes}
+        joined = [
+            self._under_way[uid] for uid in chunk
+            if uid not in planned and uid in self._under_way
+        ]
+        self._report_refused()
+        self._on_timers_changed()
+        announced = await self.write(writes)
+        for under_way in joined:
+            await under_way.done.wait()
+            announced += under_way.transitions
+        return announced
+
     async def evaluate(self, user_ids: Iterable[Any], reason: Reason) -> None:
         """Re-derive cached users at the clock's now; re-read those not cached."""
         now = self._clock.now_ms()

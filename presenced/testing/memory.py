@@ -312,7 +312,7 @@ class MemoryStore:
     def load_users(self, user_ids: Collection[Any]) -> dict[Any, Document]:
         self._call("load_users")
         return {
-            uid: {"_id": uid, **{f: copy.deepcopy(doc[f]) for f in USER_FIELDS if f in doc}}
+            uid: self._user_projected(uid, doc)
             for uid in user_ids if (doc := self.users.get(uid)) is not None
         }
 
@@ -335,16 +335,29 @@ class MemoryStore:
                 if doc.get("status") not in ("offline", None)
                 or doc.get("statusConnection") not in ("offline", None)]
 
-    def reconcile_page(self, source: ReconcileSource, after: str | None, limit: int) -> list[Any]:
+    def _reconcile_docs(self, source: ReconcileSource, ids: list[Any]) -> list[Document]:
+        if source == "sessions":
+            return [copy.deepcopy(self.sessions[uid]) for uid in ids]
+        return [self._user_projected(uid, self.users[uid]) for uid in ids]
+
+    @staticmethod
+    def _user_projected(user_id: Any, doc: Document) -> Document:
+        return {"_id": user_id, **{f: copy.deepcopy(doc[f]) for f in USER_FIELDS if f in doc}}
+
+    def reconcile_page(
+        self, source: ReconcileSource, after: str | None, limit: int, until: str | None = None
+    ) -> list[Document]:
         self._call("reconcile_page")
         self.pages.append((source, after))
         ids = sorted(uid for uid in self._reconcile_ids(source)
-                     if isinstance(uid, str) and (after is None or uid > after))
-        return ids[:limit]
+                     if isinstance(uid, str) and (after is None or uid > after)
+                     and (until is None or uid <= until))
+        return self._reconcile_docs(source, ids[:limit])
 
-    def reconcile_strays(self, source: ReconcileSource) -> list[Any]:
+    def reconcile_strays(self, source: ReconcileSource) -> list[Document]:
         self._call("reconcile_strays")
-        return [uid for uid in self._reconcile_ids(source) if not isinstance(uid, str)]
+        ids = [uid for uid in self._reconcile_ids(source) if not isinstance(uid, str)]
+        return self._reconcile_docs(source, ids)
 
     def estimated_count(self, source: ReconcileSource) -> int:
         self._call("estimated_count")

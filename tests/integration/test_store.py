@@ -576,13 +576,13 @@ def reconcile_all(store: Store, limit: int) -> tuple[list[Any], list[list[Any]]]
     for source in ("sessions", "users"):
         after = None
         while True:
-            page = store.reconcile_page(source, after, limit)
+            page = [doc["_id"] for doc in store.reconcile_page(source, after, limit)]
             pages.append(page)
             ids.extend(page)
             if len(page) < limit:
                 break
             after = page[-1]
-        ids.extend(store.reconcile_strays(source))
+        ids.extend(doc["_id"] for doc in store.reconcile_strays(source))
     return ids, pages
 
 
@@ -609,9 +609,25 @@ def test_a_reconcile_page_resumes_strictly_after_the_last_id_done(
         [session(f"u{n}", connection(f"c{n}")) for n in (5, 1, 3, 2, 4)]
     )
 
-    assert store.reconcile_page("sessions", None, 2) == ["u1", "u2"]
-    assert store.reconcile_page("sessions", "u2", 2) == ["u3", "u4"]
-    assert store.reconcile_page("sessions", "u4", 2) == ["u5"]
+    def page(after: str | None) -> list[Any]:
+        return [doc["_id"] for doc in store.reconcile_page("sessions", after, 2)]
+
+    assert page(None) == ["u1", "u2"]
+    assert page("u2") == ["u3", "u4"]
+    assert page("u4") == ["u5"]
+
+
+def test_a_reconcile_page_stops_at_its_upper_bound_included(
+    store: Store, db: Database[Doc]
+) -> None:
+    db.usersSessions.insert_many([session(f"u{n}", connection(f"c{n}")) for n in range(1, 6)])
+
+    def page(after: str | None, until: str | None) -> list[Any]:
+        return [doc["_id"] for doc in store.reconcile_page("sessions", after, 10, until)]
+
+    assert page(None, "u3") == ["u1", "u2", "u3"]
+    assert page("u3", "u4") == ["u4"]
+    assert page("u4", None) == ["u5"]
 
 
 def test_reconcile_strays_finds_the_ids_that_are_not_strings(
@@ -621,8 +637,26 @@ def test_reconcile_strays_finds_the_ids_that_are_not_strings(
         [session(7, connection("c1")), session("s", connection("c2")), session(8)]  # type: ignore[arg-type]
     )
 
-    assert store.reconcile_page("sessions", None, 10) == ["s"]
-    assert store.reconcile_strays("sessions") == [7]
+    assert [doc["_id"] for doc in store.reconcile_page("sessions", None, 10)] == ["s"]
+    assert [doc["_id"] for doc in store.reconcile_strays("sessions")] == [7]
+
+
+def test_reconcile_pages_hold_the_documents_projected_as_the_bulk_loads(
+    store: Store, db: Database[Doc]
+) -> None:
+    seed_reconcile_population(db)
+    db.users.update_one({"_id": "stuck-away"}, {"$set": {"services": {"password": "x"}}})
+    db.usersSessions.update_one({"_id": "session-only"}, {"$set": {"extra": 1}})
+
+    sessions = store.reconcile_page("sessions", None, 10)
+    users = store.reconcile_page("users", None, 10)
+
+    by_id = {doc["_id"]: doc for doc in sessions}
+    assert by_id == store.load_sessions(list(by_id))
+    assert "extra" not in by_id["session-only"] and by_id["session-only"]["connections"]
+    by_id = {doc["_id"]: doc for doc in users}
+    assert by_id == store.load_users(list(by_id))
+    assert by_id["stuck-away"]["status"] == "away" and "services" not in by_id["stuck-away"]
 
 
 def test_reconcile_skips_offline_users_without_connections(

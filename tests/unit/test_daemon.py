@@ -297,11 +297,13 @@ def test_a_failed_reconcile_page_is_retried_alone_and_progress_is_logged() -> No
         failures = [AutoReconnect("timed out")] * 6
         original = env.store.reconcile_page
 
-        def flaky(source: ReconcileSource, after: str | None, limit: int) -> list[str]:
+        def flaky(
+            source: ReconcileSource, after: str | None, limit: int, until: str | None = None
+        ) -> list[dict[str, Any]]:
             if source == "sessions" and after == first_page_last and failures:
                 failures.pop()
                 raise AutoReconnect("timed out")
-            return original(source, after, limit)
+            return original(source, after, limit, until)
 
         env.store.reconcile_page = flaky  # type: ignore[method-assign]
         async with env.running():
