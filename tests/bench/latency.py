@@ -357,7 +357,8 @@ def report(results: list[Result], args: argparse.Namespace) -> bool:
         v = verdict(met, smoke=args.smoke, floor_explains=explained)
         passed = passed and v != "MISS"
         print(f"{r.feed:>12} {r.rate:4g}/s: p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  max"
-              f" {max(r.latency_ms):7.1f} ms | floor p50 {f50:5.1f} ms  p99 {f99:5.1f} ms |"
+              f" {max(r.latency_ms):7.1f} ms | floor p50 {f50:5.1f} ms  p99 {f99:5.1f} ms  max"
+              f" {max(r.floor_ms):5.1f} ms |"
               f" ratio p50 {p50 / f50:5.1f}  p99 {p99 / f99:5.1f} | {len(r.latency_ms)} of"
               f" {r.writes} writes matched ({r.unmatched} folded into a later one), sent at"
               f" {sent:.0f}/s | {v}")
