@@ -566,7 +566,8 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="a tiny run: 2 s at 100/s, 200 users")
     ap.add_argument("--profile", type=Path, metavar="FILE",
                     help="run presenced under py-spy (the dev extra) and write its raw"
-                    " collapsed stacks to FILE")
+                    " collapsed stacks to FILE (the CPU line then shows py-spy's, not"
+                    " presenced's)")
     ap.add_argument("--budget", type=float, default=180.0,
                     help="seconds after which the benchmark gives up (and cleans up)")
     args = ap.parse_args()
