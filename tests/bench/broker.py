@@ -24,19 +24,22 @@ the round trip.
 Prints p50/p95/p99/max of action -> broadcast (also per action), of action -> reply and of
 the echo round trip, the ratio of the p99s, events missing / duplicated / unexpected (all
 must be 0), each process's CPU during the run, presenced's own counters and log
-warnings, and PASS or MISS against the target: p99 action -> broadcast <= 100 ms at 500
-calls/s (issue 8's delivery bound).
+warnings, and PASS or MISS against the target: p99 action -> broadcast <= 50 ms at 500
+calls/s (issue 10), with one ``SCORE`` line (``broker.p99``, see
+:mod:`presenced.testing.scoreboard`) whose reference is the echo round trip's p99: FLOOR
+only if that floor is itself at or past the target.
 
-Why 500 users by default: the emulator does not use indexes, so each removeConnection
-(``update_many`` on ``connections.id``, indexed in MongoDB) scans every ``usersSessions``
-document: about 5 ms at 2,000 users, so 250 removes/s need more than a core and the run
-measures the emulator's scan, not presenced (its queue grows without bound). At 500 users
-the scan is about 1 ms. The benchmark measures and prints that cost; ``--users 2000``
-shows the effect.
+The seed creates Rocket.Chat's ``usersSessions`` indexes (``connections.id``,
+``connections.instanceId``), which the emulator uses: each removeConnection
+(``update_many`` on ``connections.id``) looks its connection up instead of scanning every
+user's document (without the index: about 1.4 ms at 500 users, 5 ms at 2,000, a third of
+the emulator's core at 250 removes/s, and the run measured that scan). The benchmark
+measures and prints that cost.
 
 Exit status, so that ``make bench`` goes on past a near miss but stops on a real failure:
 0 when measured and the target is met, or missed by at most 2x (MISS printed); 1 when an
-event was missing, duplicated or unexpected, a call failed, or p99 was over 2x the target;
+event was missing, duplicated or unexpected, a call failed, or p99 was over 2x the target
+(not judged on --smoke);
 2 when it could not measure (a process did not start, --budget passed); 130 on Ctrl-C;
 0 with the reason printed when it cannot run here (no nats-server, no node, or no
 node_modules: ``make install`` brings them).
@@ -46,6 +49,7 @@ It stops every process it started, on failure, SIGTERM and Ctrl-C too.
 Usage: .venv/bin/python tests/bench/broker.py [--rate 500] [--seconds 10] [--users 500]
                                                [--set NAME=VALUE ...]
        .venv/bin/python tests/bench/broker.py --smoke       (2 s at 100/s, 200 users)
+       .venv/bin/python tests/bench/broker.py --profile FILE (presenced under py-spy)
 Set PYTHONPATH to measure another checkout of presenced (the daemon inherits it).
 """
 
@@ -58,6 +62,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -72,7 +77,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
-from pymongo import MongoClient
+from pymongo import ASCENDING, MongoClient
 
 from presenced.testing.processes import (
     READY_TIMEOUT,
@@ -85,9 +90,11 @@ from presenced.testing.processes import (
     stop,
     with_database,
 )
+from presenced.testing.scoreboard import Score, emit, verdict
 
-TARGET_P99_MS: Final = 100.0
-"""Issue 8: a transition reaches every listener within 100 ms."""
+TARGET_P99_MS: Final = 50.0
+"""Issue 10: p99 action -> presence.status received <= 50 ms at 500 calls/s (issue 8's
+delivery bound was 100 ms)."""
 FAIL_FACTOR: Final = 2.0
 """A p99 over this many times the target fails the run (exit 1), not just MISS."""
 NODE_DIR: Final = Path(__file__).resolve().parents[1] / "interop" / "node"
@@ -186,8 +193,10 @@ class Daemon:
 
 @contextmanager
 def daemon(url: str, transporter: str, workdir: Path,
-           settings: dict[str, str]) -> Iterator[Daemon]:
-    """``presenced run`` on the bench database, joined to the broker; ready on yield."""
+           settings: dict[str, str], profile: Path | None = None) -> Iterator[Daemon]:
+    """``presenced run`` on the bench database, joined to the broker; ready on yield.
+    With ``profile``, under ``py-spy record`` writing its raw samples there (stopped with
+    SIGINT, on which py-spy writes the file and presenced shuts down as on Ctrl-C)."""
     port = free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
@@ -207,12 +216,24 @@ def daemon(url: str, transporter: str, workdir: Path,
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     env.update(settings)
     log = workdir / "presenced.log"
-    proc = spawn([sys.executable, "-m", "presenced", "run"], log, env=env, cwd=workdir)
+    argv = [sys.executable, "-m", "presenced", "run"]
+    if profile is not None:
+        argv = [*py_spy(profile), *argv]
+    proc = spawn(argv, log, env=env, cwd=workdir)
     try:
         wait_until(lambda: ready(port), proc, "presenced", log)
         yield Daemon(proc, port, log)
     finally:
-        stop(proc)
+        stop(proc, signal.SIGINT if profile is not None else signal.SIGTERM)
+
+
+def py_spy(out: Path) -> list[str]:
+    """The ``py-spy record`` command line that profiles the command after it (py-spy is in
+    the ``dev`` extra): raw collapsed stacks of the thread holding the GIL, sampled
+    without pausing presenced (sampling that stops it would itself add the latency)."""
+    binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return [binary, "record", "--rate", "100", "--nonblocking", "--gil", "--format", "raw",
+            "--output", str(out), "--"]
 
 
 class NodeProcess:
@@ -323,6 +344,11 @@ def seed(url: str, users: int) -> float:
              "status": "offline", "statusConnection": "offline"} for u in ids
         ])
         db.usersSessions.insert_many([{"_id": u, "connections": []} for u in ids])
+        # Rocket.Chat's own indexes on usersSessions (UsersSessions model): the emulator
+        # uses them, so removeConnection's update_many on connections.id looks the
+        # connection up instead of scanning every user's document.
+        db.usersSessions.create_index([("connections.id", ASCENDING)], sparse=True)
+        db.usersSessions.create_index([("connections.instanceId", ASCENDING)], sparse=True)
         costs = []
         for _ in range(15):
             started = time.perf_counter()
@@ -339,7 +365,8 @@ def run(url: str, mongo: subprocess.Popen[Any], args: argparse.Namespace,
     remove_cost = seed(url, args.users)
     with ExitStack() as stack:
         transporter, nats_proc = stack.enter_context(nats(workdir))
-        presenced = stack.enter_context(daemon(url, transporter, workdir, settings))
+        presenced = stack.enter_context(daemon(url, transporter, workdir, settings,
+                                                  args.profile))
         echo = stack.enter_context(node("the echo peer", [
             "peer.js", "--url", transporter, "--node-id", ECHO_ID, "--offer", "echo",
             "--heartbeat-interval", "10", "--heartbeat-timeout", "30",
@@ -463,9 +490,8 @@ def report(m: Measured, args: argparse.Namespace) -> int:
           f" {os.cpu_count()}): " + ", ".join(f"{k} {v:.0%}" for k, v in m.cpu.items()))
     removes = args.rate / 2
     print(f"  emulator: one removeConnection write costs {m.remove_cost_ms:.2f} ms over"
-          f" {args.users} usersSessions documents (it scans; MongoDB uses the connections.id"
-          f" index): {removes:g} removes/s take ~{removes * m.remove_cost_ms / 1000:.0%} of a"
-          " core")
+          f" {args.users} usersSessions documents (on the connections.id index):"
+          f" {removes:g} removes/s take ~{removes * m.remove_cost_ms / 1000:.0%} of a core")
     if m.metrics:
         met = m.metrics
         print(f"  presenced: transitions {counters(met, 'presenced_transitions')};"
@@ -486,16 +512,29 @@ def report(m: Measured, args: argparse.Namespace) -> int:
               f"{percentile(events, 50) / percentile(floor, 50):.1f})")
     else:
         p99 = math.inf
-    verdict = "PASS" if lost == 0 and p99 <= args.target else "MISS"
+    f99 = percentile(floor, 99) if floor else math.nan
+    outcome = verdict(lost == 0 and p99 <= args.target, smoke=args.smoke,
+                      floor_explains=lost == 0 and f99 >= args.target)
     why = "" if lost == 0 else f"; {lost} events lost, duplicated, unexpected or calls failed"
     print(f"target: p99 action->broadcast <= {args.target:g} ms at {args.rate:g} calls/s, no"
-          f" event lost or duplicated: {verdict} (p99 {p99:.1f} ms{why})")
+          f" event lost or duplicated: {outcome} (p99 {p99:.1f} ms{why})")
+    emit(Score(
+        "broker.p99", f"broker action -> presence.status received, {args.rate:g} calls/s",
+        f"p99 <= {args.target:g} ms", f"p99 {p99:.1f} ms" + (
+            f" (p50 {percentile(events, 50):.1f})" if events else ""),
+        f"echo round trip p99 {f99:.1f} ms", f"{p99 / f99:.1f}x" if floor else "-", outcome,
+        note=(f"{len(measured)} calls over {args.users} users in {args.seconds:g} s; Node"
+              " echo.ping on the same NATS is the floor (FLOOR only if it is past the"
+              " target)" + (f"; {lost} events lost/duplicated/unexpected or calls failed"
+                            if lost else "")),
+    ))
     failing = (["events lost, duplicated or unexpected, or calls failed"] if lost else []) + (
-        [f"p99 over {FAIL_FACTOR:g}x the target"] if p99 > FAIL_FACTOR * args.target else [])
+        [f"p99 over {FAIL_FACTOR:g}x the target"]
+        if p99 > FAIL_FACTOR * args.target and not args.smoke else [])
     if failing:
         print(f"exit 1: {' and '.join(failing)}")
         return 1
-    if verdict == "MISS":
+    if outcome == "MISS":
         print(f"exit 0: the MISS is within {FAIL_FACTOR:g}x the target")
     return 0
 
@@ -525,6 +564,10 @@ def main() -> int:
                     help="a setting for presenced's environment (repeatable), e.g."
                     " MAX_CONCURRENT_SYNC=32")
     ap.add_argument("--smoke", action="store_true", help="a tiny run: 2 s at 100/s, 200 users")
+    ap.add_argument("--profile", type=Path, metavar="FILE",
+                    help="run presenced under py-spy (the dev extra) and write its raw"
+                    " collapsed stacks to FILE (the CPU line then shows py-spy's, not"
+                    " presenced's)")
     ap.add_argument("--budget", type=float, default=180.0,
                     help="seconds after which the benchmark gives up (and cleans up)")
     args = ap.parse_args()
