@@ -234,7 +234,7 @@ class Reconciler:
                     if docs:
                         scan.after = docs[-1]["_id"]
                     await send.send(_Chunk(scan.seq, docs))
-                    if len(docs) < SCAN_BATCH:
+                    if not docs:
                         return
         finally:
             await self._close_cursor(scan)

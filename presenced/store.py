@@ -32,7 +32,7 @@ from typing import Any, Final, Literal, Protocol
 import pymongo
 import pymongo.cursor
 from bson import Binary, Decimal128, Int64, ObjectId, Regex, Timestamp
-from pymongo import ASCENDING, MongoClient, UpdateOne
+from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
 from pymongo.collection import Collection as MongoCollection
 from pymongo.database import Database
 
@@ -59,6 +59,10 @@ SCAN_TIMEOUT_S: Final = 120.0
 """Time allowed to one batch of a reconcile cursor (or to the read of the strays, which
 scans a whole collection), instead of the client's socket timeout."""
 
+STRAYS_PAGE: Final = 100
+"""Documents per query of :meth:`Store.reconcile_strays` (one query from each end when
+there are fewer strays)."""
+
 ReconcileSource = Literal["sessions", "users"]
 """Which collection a reconcile cursor walks: ``usersSessions`` or ``users``."""
 
@@ -69,7 +73,7 @@ class ReconcileCursor(Protocol):
     an abandoned thread: it waits for it)."""
 
     def next_batch(self) -> list[Document]:
-        """The next documents in ``_id`` order; fewer than the batch size: the last."""
+        """The next documents in ``_id`` order (at most the batch size); none: the end."""
         ...
 
     def close(self) -> None:
@@ -284,26 +288,27 @@ class Store:
         and ``connections``, as ``load_sessions``) or ``users`` (projected as
         ``load_users``). Whole collections, unfiltered: the reconciler reads each user's
         two documents side by side, so it never reads one by ``_id``, and decides itself
-        which users need a look. Read it a batch at a time (``next_batch``); a cursor
-        that failed is closed and a new one opened after the last id received, so a large
-        collection is never read again from the start.
+        which users need a look. Read it a batch at a time (``next_batch``, an empty
+        batch at the end); a cursor that failed is closed and a new one opened after the
+        last id received, so a large collection is never read again from the start.
 
-        String ids only (Rocket.Chat's ids are strings; MongoDB compares ``$gt`` within one
-        BSON type, so both sides of the merge order ids alike): :meth:`reconcile_strays`
-        gives the others.
+        String ids only (Rocket.Chat's ids are strings; the reconciler compares them as
+        MongoDB does, by code point): :meth:`reconcile_strays` gives the others. Strings
+        are contiguous in ``_id`` order (numbers sort before them, ObjectIds and the other
+        types after), so the cursor drops the ids before the first string and ends at the
+        first id after the last one.
 
-        Cost: one ``find`` with ``sort _id`` on the ``_id`` index (no blocking sort), no
-        filter but the ``_id`` bound, then one ``getMore`` per ``batch`` documents; each
-        batch under a :data:`SCAN_TIMEOUT_S` operation timeout instead of the client's
-        socket timeout. No I/O until the first ``next_batch``.
+        Cost: one ``find`` with ``sort _id`` on the ``_id`` index (no blocking sort; no
+        filter from the start, ``{_id: {$gt: after}}`` when resumed), then one ``getMore``
+        per ``batch`` documents; each batch under a :data:`SCAN_TIMEOUT_S` operation
+        timeout instead of the client's socket timeout. No I/O until the first batch.
         """
         if batch < 1:
             raise ValueError(f"batch must be at least 1, not {batch}")
         collection, projection = self._reconcile_source(source)
-        # Strings only: a bound of a string matches strings alone ("" is the least string).
-        id_filter: Document = {"$gt": after} if after is not None else {"$gte": ""}
         cursor = collection.find(
-            {"_id": id_filter}, projection, sort=[("_id", ASCENDING)], batch_size=batch
+            {} if after is None else {"_id": {"$gt": after}}, projection,
+            sort=[("_id", ASCENDING)], batch_size=batch,
         )
         return _ScanCursor(cursor, batch)
 
@@ -318,18 +323,31 @@ class Store:
 
     def reconcile_strays(self, source: ReconcileSource) -> list[Document]:
         """The documents :meth:`reconcile_cursor` does not walk: those whose ``_id`` is not
-        a string (none in a Rocket.Chat database; read whole, in one query), projected as
-        a cursor's.
+        a string (none in a Rocket.Chat database), projected as a cursor's.
 
-        Cost: one ``find`` (``getMore`` per 101 documents past the first batch; a
-        collection scan: no index serves ``$type``) under the :data:`SCAN_TIMEOUT_S`
-        operation timeout.
+        Cost: they sort before the strings (numbers, null) or after them (ObjectIds,
+        dates, ...): two ``find`` walking the ``_id`` index from each end, ``limit``
+        :data:`STRAYS_PAGE` (a further page with ``skip`` only while a page holds no
+        string), each under the :data:`SCAN_TIMEOUT_S` operation timeout. No collection
+        scan (an index cannot serve ``$type``).
         """
         collection, projection = self._reconcile_source(source)
-        with pymongo.timeout(SCAN_TIMEOUT_S):
-            cursor = collection.find({"_id": {"$not": {"$type": "string"}}}, projection)
-            with cursor:
-                return list(cursor)
+        found: list[Document] = []
+        for direction in (ASCENDING, DESCENDING):
+            skip = 0
+            while True:
+                with pymongo.timeout(SCAN_TIMEOUT_S):
+                    page = list(collection.find(
+                        {}, projection, sort=[("_id", direction)], skip=skip,
+                        limit=STRAYS_PAGE, batch_size=STRAYS_PAGE,
+                    ))
+                strays = list(itertools.takewhile(_not_a_string_id, page))
+                found += strays
+                if len(strays) < len(page) or len(page) < STRAYS_PAGE:
+                    break
+                skip += STRAYS_PAGE
+        # A collection of strays only is read from both ends: each document once.
+        return list({_stray_key(doc["_id"]): doc for doc in found}.values())
 
     # ------------------------------------------------------------------ users writes
 
@@ -579,23 +597,55 @@ class Store:
 
 
 class _ScanCursor:
-    """A pymongo cursor read a batch at a time, each batch under its own operation timeout.
-    A lock keeps ``close`` from running beside a batch (pymongo cursors are not safe across
-    threads at once)."""
+    """A pymongo cursor read a batch at a time, each batch under its own operation timeout,
+    string ids only. A lock keeps ``close`` from running beside a batch (pymongo cursors
+    are not safe across threads at once)."""
 
     def __init__(self, cursor: pymongo.cursor.Cursor[Document], batch: int) -> None:
         self._cursor = cursor
         self._batch = batch
         self._lock = threading.Lock()
+        self._ended = False
+        self._strings = False  # a string id was read: a stray now means the end
 
     def next_batch(self) -> list[Document]:
-        with self._lock, pymongo.timeout(SCAN_TIMEOUT_S):
-            # With batch_size == batch, this takes one server batch (find or getMore).
-            return list(itertools.islice(self._cursor, self._batch))
+        with self._lock:
+            while not self._ended:
+                with pymongo.timeout(SCAN_TIMEOUT_S):
+                    # With batch_size == batch: one server batch (find or getMore).
+                    docs = list(itertools.islice(self._cursor, self._batch))
+                if not docs:
+                    self._ended = True
+                    break
+                if isinstance(docs[0]["_id"], str) and isinstance(docs[-1]["_id"], str):
+                    self._strings = True
+                    return docs  # strings only (they are contiguous)
+                strings = [doc for doc in docs if isinstance(doc["_id"], str)]
+                if not isinstance(docs[-1]["_id"], str) and (strings or self._strings):
+                    self._ended = True  # past the last string: the rest are strays
+                    self._cursor.close()
+                if strings:
+                    self._strings = True
+                    return strings
+            return []
 
     def close(self) -> None:
         with self._lock:
             self._cursor.close()
+
+
+def _not_a_string_id(doc: Document) -> bool:
+    return not isinstance(doc["_id"], str)
+
+
+def _stray_key(value: Any) -> tuple[str, Any]:
+    """A key telling apart ids of different types that compare equal in Python (1, 1.0,
+    True), so a stray read from both ends counts once."""
+    try:
+        hash(value)
+    except TypeError:
+        return type(value).__name__, repr(value)
+    return type(value).__name__, value
 
 
 def _expected(value: object) -> Any:

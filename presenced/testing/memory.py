@@ -455,14 +455,14 @@ class MemoryCursor:
         if store.before_batch is not None:
             store.before_batch(self)
         if self.closed:
-            raise RuntimeError("next_batch() on a closed cursor")
+            return []  # as pymongo's cursor once exhausted (or closed)
         if self._docs is None:
             table = store.sessions if self.source == "sessions" else store.users
             ids = sorted(uid for uid in table if isinstance(uid, str)
                          and (self.after is None or uid > self.after))
             self._docs = deque(store._reconcile_docs(self.source, ids))
         out = [self._docs.popleft() for _ in range(min(self.batch, len(self._docs)))]
-        if len(out) < self.batch:
+        if not self._docs:
             self.closed = True  # exhausted: MongoDB closes the cursor itself
         return out
 

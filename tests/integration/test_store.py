@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from bson import Timestamp
+from bson import ObjectId, Timestamp
 from pymongo import MongoClient, monitoring
 from pymongo.database import Database
 
@@ -573,14 +573,14 @@ def seed_reconcile_population(db: Database[Doc]) -> set[str]:
 
 def read_cursor(store: Store, source: ReconcileSource, after: str | None, batch: int
                 ) -> list[list[Doc]]:
-    """Every batch of a reconcile cursor, to its end (the last one shorter than batch)."""
+    """Every batch of a reconcile cursor, to its end (an empty batch, not returned)."""
     cursor = store.reconcile_cursor(source, after, batch)
     batches: list[list[Doc]] = []
     try:
-        while True:
-            batches.append(cursor.next_batch())
-            if len(batches[-1]) < batch:
-                return batches
+        while docs := cursor.next_batch():
+            assert len(docs) <= batch
+            batches.append(docs)
+        return batches
     finally:
         cursor.close()
 
@@ -594,7 +594,7 @@ def test_a_reconcile_cursor_walks_every_string_id_in_id_order_in_batches(
         batches = read_cursor(store, source, None, 2)  # type: ignore[arg-type]
         ids = [doc["_id"] for batch in batches for doc in batch]
         assert ids == sorted(doc["_id"] for doc in collection.find())
-        assert all(len(batch) == 2 for batch in batches[:-1]) and len(batches[-1]) < 2
+        assert all(len(batch) == 2 for batch in batches[:-1])
 
 
 def test_a_reconcile_cursor_resumes_strictly_after_the_last_id_received(
@@ -610,6 +610,30 @@ def test_a_reconcile_cursor_resumes_strictly_after_the_last_id_received(
     assert ids(None) == ["u1", "u2", "u3", "u4", "u5"]
     assert ids("u2") == ["u3", "u4", "u5"]
     assert ids("u5") == []
+
+
+def test_a_reconcile_cursor_drops_the_ids_before_the_strings_and_ends_after_them(
+    store: Store, db: Database[Doc]
+) -> None:
+    strays: list[Any] = [None, -3, 2.5, 7, ObjectId(), True, datetime(2024, 1, 1), {"a": 1}]
+    db.users.insert_many([user(uid) for uid in strays])
+    db.users.insert_many([user(f"u{n}") for n in range(5)])
+
+    for batch in (1, 2, 3, 100):
+        ids = [doc["_id"] for docs in read_cursor(store, "users", None, batch) for doc in docs]
+        assert ids == [f"u{n}" for n in range(5)], batch
+    assert sorted(map(repr, (d["_id"] for d in store.reconcile_strays("users")))) == sorted(
+        map(repr, strays)
+    )
+
+
+def test_reconcile_strays_of_a_collection_of_strays_only_are_each_read_once(
+    store: Store, db: Database[Doc]
+) -> None:
+    db.users.insert_many([user(n) for n in range(250)])  # type: ignore[arg-type]
+
+    assert sorted(doc["_id"] for doc in store.reconcile_strays("users")) == list(range(250))
+    assert read_cursor(store, "users", None, 10) == []
 
 
 def test_a_reconcile_cursor_reads_a_batch_per_command_and_is_killed_when_closed_early(
@@ -637,6 +661,7 @@ def test_reconcile_strays_finds_the_ids_that_are_not_strings(
 
     assert [doc["_id"] for doc in read_cursor(store, "sessions", None, 10)[0]] == ["s"]
     assert sorted(doc["_id"] for doc in store.reconcile_strays("sessions")) == [7, 8]
+    assert store.reconcile_strays("users") == []
 
 
 def test_reconcile_cursors_hold_the_documents_projected_as_the_bulk_loads(
