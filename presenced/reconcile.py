@@ -30,6 +30,7 @@ Must never: decide a status (the engine does), or call the store but through
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -47,7 +48,10 @@ from presenced.metrics import Metrics
 from presenced.store import ReconcileCursor, ReconcileSource
 from presenced.writer import BATCH, Writer
 
-__all__ = ["CLOSE_TIMEOUT_S", "PROGRESS_EVERY_S", "SCAN_BATCH", "Reconciler", "needs_check"]
+__all__ = [
+    "CLOSE_TIMEOUT_S", "PROGRESS_EVERY_S", "SCAN_BATCH", "Reconciler", "UnorderedIds",
+    "needs_check",
+]
 
 SCAN_BATCH: Final = 10 * BATCH
 """Documents per batch of a reconcile cursor (per ``getMore``): few round trips, small
@@ -78,6 +82,22 @@ def needs_check(user: Mapping[str, Any] | None, session: Mapping[str, Any] | Non
     if user is None:
         return False
     return user.get("status") not in _OFFLINE or user.get("statusConnection") not in _OFFLINE
+
+
+class UnorderedIds(RuntimeError):
+    """A cursor gave ids out of the order the merge compares them in (code point order,
+    MongoDB's for strings without a collation): merging would pair users wrongly."""
+
+
+def _check_order(scan: _Scan, docs: list[Doc]) -> None:
+    ids = [doc["_id"] for doc in docs]
+    if (scan.after is None or scan.after < ids[0]) and all(map(operator.lt, ids, ids[1:])):
+        return
+    raise UnorderedIds(
+        f"MongoDB returned {scan.source} ids out of code point order (after"
+        f" {scan.after!r}: {ids[:3]!r}...); a collation on the collection? Reconciliation"
+        " merges the two collections by _id and cannot go on"
+    )
 
 
 @dataclass(eq=False)
@@ -232,6 +252,7 @@ class Reconciler:
                         "reconcile", partial(self._next_batch, scan, reads)
                     )
                     if docs:
+                        _check_order(scan, docs)
                         scan.after = docs[-1]["_id"]
                     await send.send(_Chunk(scan.seq, docs))
                     if not docs:

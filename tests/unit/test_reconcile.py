@@ -9,12 +9,13 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from typing import Any
 
+import pytest
 import trio
 from bson import ObjectId
 from pymongo.errors import AutoReconnect
 
 from presenced.engine import Reason, Transition
-from presenced.reconcile import SCAN_BATCH, needs_check
+from presenced.reconcile import SCAN_BATCH, UnorderedIds, needs_check
 from presenced.store import ReconcileSource
 from presenced.testing.memory import MemoryCursor
 from presenced.writer import BATCH
@@ -355,6 +356,30 @@ def test_malformed_documents_on_a_page_are_refused_and_counted_not_fatal() -> No
                 for reason in _reasons(env)
             )
             assert counted >= 2
+
+    run(scenario)
+
+
+def test_ids_out_of_order_stop_the_walk_instead_of_pairing_users_wrongly() -> None:
+    async def scenario(env: Env) -> None:
+        now = env.now()
+        for uid in ("a", "b", "c"):
+            env.store.add_user(uid)
+            env.store.connect(uid, f"c-{uid}", None, now)
+        async with env.running():
+            original = env.store._reconcile_docs
+
+            def reversed_docs(source: ReconcileSource, ids: list[Any]) -> list[Any]:
+                return original(source, ids[::-1])  # as a collation might order them
+
+            env.store._reconcile_docs = reversed_docs  # type: ignore[method-assign]
+            with pytest.raises(BaseExceptionGroup) as raised:
+                await env.daemon.reconciler.reconcile("test")  # type: ignore[union-attr]
+            matched, rest = raised.value.split(UnorderedIds)
+            assert matched is not None and rest is None
+            assert not env.store.writes or all(w.status == "online" for w in env.store.writes)
+            env.store._reconcile_docs = original  # type: ignore[method-assign]
+            assert [env.store.presence(u) for u in ("a", "b", "c")] == [ON] * 3
 
     run(scenario)
 
