@@ -70,7 +70,7 @@ ReconcileSource = Literal["sessions", "users"]
 class ReconcileCursor(Protocol):
     """One reconcile cursor (:meth:`Store.reconcile_cursor`). Blocking: call each method
     from a worker thread, one at a time (``close`` may come while a batch is under way in
-    an abandoned thread: it waits for it)."""
+    an abandoned thread: it does not wait for it)."""
 
     def next_batch(self) -> list[Document]:
         """The next documents in ``_id`` order (at most the batch size); none: the end."""
@@ -599,7 +599,9 @@ class Store:
 class _ScanCursor:
     """A pymongo cursor read a batch at a time, each batch under its own operation timeout,
     string ids only. A lock keeps ``close`` from running beside a batch (pymongo cursors
-    are not safe across threads at once)."""
+    are not safe across threads at once); a ``close`` that comes while a batch is under way
+    (in a thread its caller abandoned) does not wait for it: the batch closes the cursor
+    when it ends."""
 
     def __init__(self, cursor: pymongo.cursor.Cursor[Document], batch: int) -> None:
         self._cursor = cursor
@@ -607,31 +609,43 @@ class _ScanCursor:
         self._lock = threading.Lock()
         self._ended = False
         self._strings = False  # a string id was read: a stray now means the end
+        self._closing = False
 
     def next_batch(self) -> list[Document]:
         with self._lock:
-            while not self._ended:
-                with pymongo.timeout(SCAN_TIMEOUT_S):
-                    # With batch_size == batch: one server batch (find or getMore).
-                    docs = list(itertools.islice(self._cursor, self._batch))
-                if not docs:
-                    self._ended = True
-                    break
-                if isinstance(docs[0]["_id"], str) and isinstance(docs[-1]["_id"], str):
-                    self._strings = True
-                    return docs  # strings only (they are contiguous)
-                strings = [doc for doc in docs if isinstance(doc["_id"], str)]
-                if not isinstance(docs[-1]["_id"], str) and (strings or self._strings):
-                    self._ended = True  # past the last string: the rest are strays
+            try:
+                return self._next_batch()
+            finally:
+                if self._closing:
                     self._cursor.close()
-                if strings:
-                    self._strings = True
-                    return strings
-            return []
+
+    def _next_batch(self) -> list[Document]:
+        while not self._ended and not self._closing:
+            with pymongo.timeout(SCAN_TIMEOUT_S):
+                # With batch_size == batch: one server batch (find or getMore).
+                docs = list(itertools.islice(self._cursor, self._batch))
+            if not docs:
+                self._ended = True
+                break
+            if isinstance(docs[0]["_id"], str) and isinstance(docs[-1]["_id"], str):
+                self._strings = True
+                return docs  # strings only (they are contiguous)
+            strings = [doc for doc in docs if isinstance(doc["_id"], str)]
+            if not isinstance(docs[-1]["_id"], str) and (strings or self._strings):
+                self._ended = True  # past the last string: the rest are strays
+                self._cursor.close()
+            if strings:
+                self._strings = True
+                return strings
+        return []
 
     def close(self) -> None:
-        with self._lock:
-            self._cursor.close()
+        self._closing = True
+        if self._lock.acquire(blocking=False):  # else: the batch under way closes it
+            try:
+                self._cursor.close()
+            finally:
+                self._lock.release()
 
 
 def _not_a_string_id(doc: Document) -> bool:

@@ -612,6 +612,23 @@ def test_a_reconcile_cursor_resumes_strictly_after_the_last_id_received(
     assert ids("u5") == []
 
 
+def test_a_reconcile_cursor_closed_while_a_batch_is_under_way_is_closed_by_that_batch(
+    monitored_store: Store, db: Database[Doc], commands: Commands
+) -> None:
+    db.users.insert_many([user(f"u{n}") for n in range(10)])
+    cursor = monitored_store.reconcile_cursor("users", None, 3)
+    assert len(cursor.next_batch()) == 3
+    lock: threading.Lock = cursor._lock  # type: ignore[attr-defined]
+    commands.clear()
+
+    with lock:  # a batch under way in another (abandoned) thread
+        cursor.close()  # returns at once
+        assert commands.names == []
+    assert cursor.next_batch() == []  # that batch ends: it closes the cursor
+
+    assert commands.names == ["killCursors"]
+
+
 def test_a_reconcile_cursor_drops_the_ids_before_the_strings_and_ends_after_them(
     store: Store, db: Database[Doc]
 ) -> None:
