@@ -1,20 +1,27 @@
 """Reconciliation: check every user whose presence may be wrong, from scratch.
 
-Owns: the walk over the users presence must look at (``usersSessions`` with connections,
-and ``users`` whose stored status is not offline), in ``_id`` order, each user's documents
-read once. Both sources are walked together, range by range: a page of ``usersSessions``
-documents, then the ``users`` documents of the same ``_id`` range (up to the page's last
-id). A user in both needs nothing more; only the ``users`` documents of connected users
-stored offline, and the sessions of users stored online without connections, are read by
-``_id``. So a database where every user is stored right costs two scans, no more.
-Ranges are read one after another (each starts after the last id of the one before), and
-their batches of ``writer.BATCH`` users are loaded and written by ``MAX_CONCURRENT_SYNC``
-workers meanwhile, so reading range k+1 overlaps loading and writing range k; at most one
-range waits for a worker, so memory stays bounded. A read or batch that fails or times
-out is retried alone, with backoff, so a large database is never started over. Each range
-is numbered by the writer before it is read, so a reconcile read never overrides a newer
-one the engine holds. Progress (users done, documents read, rates) is logged every few
-seconds.
+Owns: the walk over every user, each user's two documents read once, side by side: one
+cursor per collection (``usersSessions`` and ``users``, whole, string ids in ``_id``
+order), read a batch at a time, and the two sorted streams merged by ``_id`` here, so
+every user has both documents (or knows it has none) without a read by ``_id``: the walk
+costs what reading both collections back to back costs MongoDB. Which users need the
+engine is decided from the documents (``needs_check``): those with connections, and those
+stored other than offline; a user stored offline with no connections is left alone.
+Then the documents whose ids are not strings (none in Rocket.Chat), read apart.
+
+Each cursor runs in its own task, one batch ahead of the merge (so reading overlaps
+merging, loading and writing), and the merged users go in batches of ``writer.BATCH`` to
+``MAX_CONCURRENT_SYNC`` workers; every step waits for the next, so memory stays bounded
+(a batch of each cursor, one ahead, and the workers' batches). A cursor that fails or
+times out is closed and reopened after the last ``_id`` it gave, with backoff, so a
+large database is never read again from the start. Each cursor is numbered by the writer
+(``open_read``) before it is opened, and a user's documents go to the engine under the
+older number of the two cursors that gave them, so a reconcile read never overrides a
+newer read the engine holds: a cursor may answer a late batch with documents read when it
+started (the emulator reads every document at the ``find``), so its number covers its
+whole life. The pairs our writes confirm meanwhile replace the pairs read (the writer
+collects them until the walk ends). Progress (users done, documents read, rates) is
+logged every few seconds.
 
 Must never: decide a status (the engine does), or call the store but through
 :class:`~presenced.blocking.StoreCalls`.
@@ -22,58 +29,145 @@ Must never: decide a status (the engine does), or call the store but through
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from operator import itemgetter
 from typing import Any, Final, TypeVar
 
 import trio
 from loguru import logger
+from pymongo.errors import PyMongoError
 
 from presenced.blocking import StoreCalls
 from presenced.clock import Clock
 from presenced.engine import Reason
 from presenced.metrics import Metrics
+from presenced.store import ReconcileCursor, ReconcileSource
 from presenced.writer import BATCH, Writer
 
-__all__ = ["PAGE", "PROGRESS_EVERY_S", "Reconciler"]
+__all__ = [
+    "CLOSE_TIMEOUT_S", "PROGRESS_EVERY_S", "SCAN_BATCH", "Reconciler", "UnorderedIds",
+    "needs_check",
+]
 
-PAGE: Final = 10 * BATCH
-"""Documents per reconcile scan query (a range reads at most this many of each source):
-fewer, larger scan queries (each may read many documents that do not match before it
-fills), small enough to retry and to hold in memory."""
+SCAN_BATCH: Final = 10 * BATCH
+"""Documents per batch of a reconcile cursor (per ``getMore``): few round trips, small
+enough to hold two of each source in memory and to retry."""
 PROGRESS_EVERY_S: Final = 5.0
 """A reconciliation logs its progress at most this often."""
+CLOSE_TIMEOUT_S: Final = 2.0
+"""Longest wait for a cursor's close when the walk ends or is cancelled (the close goes on
+in its worker thread)."""
 
 T = TypeVar("T")
-
-@dataclass(eq=False)
-class _Page:
-    """A range read under the writer's read number ``seq``; closed once its batches are
-    loaded (the writer collects the pairs it confirms meanwhile until then)."""
-
-    seq: int
-    batches: int = 0
+Doc = dict[str, Any]
+_OFFLINE: Final = ("offline", None)
+_id_of = itemgetter("_id")
 
 
-_UNREAD: Final = object()
-"""A document of a batch's user not read by the scans: read it by ``_id``."""
+def needs_check(user: Mapping[str, Any] | None, session: Mapping[str, Any] | None) -> bool:
+    """Whether a user's documents (None: no such document) can make the engine write or
+    refuse something: a ``usersSessions`` document whose ``connections`` is set and not
+    empty (malformed included), or a ``users`` document whose ``status`` or
+    ``statusConnection`` is set and not ``"offline"``. A user stored offline without
+    connections is right already; a sessions document without connections and without a
+    user is nobody's."""
+    if session is not None:
+        connections = session.get("connections")
+        if connections is not None and connections != []:
+            return True
+    if user is None:
+        return False
+    return user.get("status") not in _OFFLINE or user.get("statusConnection") not in _OFFLINE
+
+
+class UnorderedIds(RuntimeError):
+    """A cursor gave ids out of the order the merge compares them in (code point order,
+    MongoDB's for strings without a collation): merging would pair users wrongly."""
+
+
+def _check_order(scan: _Scan, docs: list[Doc]) -> None:
+    ids = [doc["_id"] for doc in docs]
+    if (scan.after is None or scan.after < ids[0]) and all(map(operator.lt, ids, ids[1:])):
+        return
+    raise UnorderedIds(
+        f"MongoDB returned {scan.source} ids out of code point order (after"
+        f" {scan.after!r}: {ids[:3]!r}...); a collation on the collection? Reconciliation"
+        " merges the two collections by _id and cannot go on"
+    )
 
 
 @dataclass(eq=False)
 class _Batch:
-    """At most ``BATCH`` users of one range, with their documents the scans read."""
+    """At most ``BATCH`` users, with their documents (None: none), read under ``seq``."""
 
-    page: _Page
+    seq: int
+    ids: list[Any] = field(default_factory=list)
     users: dict[Any, Any] = field(default_factory=dict)
     sessions: dict[Any, Any] = field(default_factory=dict)
 
 
-Docs = list[dict[str, Any]]
+@dataclass(eq=False)
+class _Chunk:
+    """One batch of a cursor, and the read number of that cursor."""
+
+    seq: int
+    docs: list[Doc]
+
+
+class _Scan:
+    """A source's cursor as the walk resumes it: the cursor open (None: to open, after
+    ``after``), its read number."""
+
+    def __init__(self, source: ReconcileSource) -> None:
+        self.source: ReconcileSource = source
+        self.cursor: ReconcileCursor | None = None
+        self.seq = -1
+        self.after: str | None = None
+
+
+class _Merge:
+    """One source as the merge consumes it: the documents received and not handed over
+    (in ``_id`` order, from ``pos``), the read number of the cursor that gave them."""
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[_Chunk]) -> None:
+        self.receive = receive
+        self.docs: list[Doc] = []
+        self.pos = 0
+        self.seq = -1
+        self.done = False
+
+    async def fill(self) -> int:
+        """Receive the next batch when every document received was handed over; how
+        many documents came."""
+        received = 0
+        while not self.done and self.pos == len(self.docs):
+            try:
+                chunk = await self.receive.receive()
+            except trio.EndOfChannel:
+                self.done = True
+                self.docs, self.pos = [], 0
+                return received
+            # An empty chunk (a cursor's last) still tells which cursor found nothing more.
+            self.docs, self.pos, self.seq = chunk.docs, 0, chunk.seq
+            received += len(chunk.docs)
+        return received
+
+    def take(self, bound: Any) -> list[Doc]:
+        """The documents up to ``bound`` included (None: all)."""
+        end = len(self.docs) if bound is None else bisect.bisect_right(
+            self.docs, bound, self.pos, key=_id_of
+        )
+        taken = self.docs[self.pos : end]
+        self.pos = end
+        return taken
 
 
 class Reconciler:
-    """Walks every user that may need it and hands each batch to the writer."""
+    """Walks every user and hands each batch to the writer."""
 
     def __init__(
         self, db: StoreCalls, writer: Writer, clock: Clock, metrics: Metrics
@@ -89,19 +183,20 @@ class Reconciler:
         started = self._clock.monotonic()
         written_before = self._writer.counts["written"]
         progress = _Progress(self._clock, cause)
-        pages: set[_Page] = set()
+        reads: set[int] = set()
         workers = max(1, self._db.max_concurrent)
         send, receive = trio.open_memory_channel[_Batch](0)
         try:
+            progress.total = await self._read(self._db.store.estimated_count, "users")
             async with trio.open_nursery() as nursery:
                 for _ in range(workers):
-                    nursery.start_soon(self._worker, receive.clone(), pages, progress)
+                    nursery.start_soon(self._worker, receive.clone(), progress)
                 receive.close()
                 async with send:
-                    await self._walk(send, pages, progress)
+                    await self._walk(nursery, send, reads, progress)
         finally:
-            for page in pages:  # cancelled: no read stays open in the writer
-                self._writer.close_read(page.seq)
+            for seq in reads:  # every batch is loaded, or the walk was cancelled
+                self._writer.close_read(seq)
         logger.info(
             "reconciliation ({}) done: {} users checked, {} statuses written in {:.2f} s",
             cause, progress.users, self._writer.counts["written"] - written_before,
@@ -110,95 +205,121 @@ class Reconciler:
         return progress.users
 
     async def _walk(
-        self, send: trio.MemorySendChannel[_Batch], pages: set[_Page], progress: _Progress
+        self, nursery: trio.Nursery, send: trio.MemorySendChannel[_Batch], reads: set[int],
+        progress: _Progress,
     ) -> None:
-        """Read both sources range by range, then the documents whose ids are not
-        strings, and hand every user found to the workers, a batch at a time."""
-        store = self._db.store
-        progress.total = await self._read(store.estimated_count, "users")
-        after: str | None = None
-        while True:
-            page = self._open(pages)
-            sessions = await self._read(store.reconcile_page, "sessions", after, PAGE)
-            # The users of the same range: up to the last session when the page is full
-            # (the next range starts there), to the end otherwise.
-            until = sessions[-1]["_id"] if len(sessions) == PAGE else None
-            users = await self._read(store.reconcile_page, "users", after, PAGE, until)
-            progress.read(len(sessions) + len(users))
-            if len(users) == PAGE:
-                # More users than a page in this range: stop it at the last user read;
-                # the sessions past it come again with the next range.
-                until = users[-1]["_id"]
-                sessions = [doc for doc in sessions if doc["_id"] <= until]
-            await self._hand_over(send, page, sessions, users, pages)
-            if until is None:
-                break
-            after = until
-        page = self._open(pages)
-        sessions = await self._read(store.reconcile_strays, "sessions")
-        users = await self._read(store.reconcile_strays, "users")
-        progress.read(len(sessions) + len(users))
-        await self._hand_over(send, page, sessions, users, pages)
+        """Merge both cursors by ``_id``, then read the documents whose ids are not
+        strings, and hand every user that needs it to the workers, a batch at a time."""
+        users_send, users_receive = trio.open_memory_channel[_Chunk](1)
+        sessions_send, sessions_receive = trio.open_memory_channel[_Chunk](1)
+        nursery.start_soon(self._scan, _Scan("users"), users_send, reads)
+        nursery.start_soon(self._scan, _Scan("sessions"), sessions_send, reads)
+        users, sessions = _Merge(users_receive), _Merge(sessions_receive)
+        with users_receive, sessions_receive:
+            while True:
+                progress.read(await users.fill() + await sessions.fill())
+                if users.done and sessions.done:
+                    break
+                # Every user up to the lower of the two last ids received is known in both
+                # sources (a source done knows them all).
+                lasts = [m.docs[-1]["_id"] for m in (users, sessions) if not m.done]
+                bound = min(lasts) if lasts else None
+                await self._hand_over(
+                    send, min(users.seq, sessions.seq), users.take(bound), sessions.take(bound)
+                )
+        seq = self._open(reads)
+        stray_users = await self._read(self._db.store.reconcile_strays, "users")
+        stray_sessions = await self._read(self._db.store.reconcile_strays, "sessions")
+        progress.read(len(stray_users) + len(stray_sessions))
+        await self._hand_over(send, seq, stray_users, stray_sessions)
 
-    def _open(self, pages: set[_Page]) -> _Page:
-        """A range about to be read: numbered by the writer BEFORE the reads start."""
-        page = _Page(self._writer.open_read())
-        pages.add(page)
-        return page
+    def _open(self, reads: set[int]) -> int:
+        """A read about to start: numbered by the writer BEFORE it starts."""
+        seq = self._writer.open_read()
+        reads.add(seq)
+        return seq
 
-    def _close(self, page: _Page, pages: set[_Page]) -> None:
-        self._writer.close_read(page.seq)
-        pages.discard(page)
+    async def _scan(
+        self, scan: _Scan, send: trio.MemorySendChannel[_Chunk], reads: set[int]
+    ) -> None:
+        """Read one source's cursor to its end, a batch at a time, one batch ahead of the
+        merge; a failed batch closes the cursor, and the next try opens one after the last
+        id received."""
+        try:
+            async with send:
+                while True:
+                    docs = await self._db.until_answered(
+                        "reconcile", partial(self._next_batch, scan, reads)
+                    )
+                    if docs:
+                        _check_order(scan, docs)
+                        scan.after = docs[-1]["_id"]
+                    await send.send(_Chunk(scan.seq, docs))
+                    if not docs:
+                        return
+        finally:
+            await self._close_cursor(scan)
+
+    async def _next_batch(self, scan: _Scan, reads: set[int]) -> list[Doc]:
+        if scan.cursor is None:
+            scan.seq = self._open(reads)
+            scan.cursor = await self._db.read(
+                self._db.store.reconcile_cursor, scan.source, scan.after, SCAN_BATCH
+            )
+        try:
+            return await self._db.read(scan.cursor.next_batch)
+        except PyMongoError:
+            await self._close_cursor(scan)
+            raise
+
+    async def _close_cursor(self, scan: _Scan) -> None:
+        """Close the cursor (in a worker thread, never waiting more than
+        ``CLOSE_TIMEOUT_S``, also when cancelled); a failure to close is only logged."""
+        cursor, scan.cursor = scan.cursor, None
+        if cursor is None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+            try:
+                await self._db.read(cursor.close)
+            except PyMongoError as exc:
+                logger.debug("closing a reconcile cursor failed: {}", exc)
 
     async def _hand_over(
-        self, send: trio.MemorySendChannel[_Batch], page: _Page, sessions: Docs,
-        users: Docs, pages: set[_Page],
+        self, send: trio.MemorySendChannel[_Batch], seq: int, users: list[Doc],
+        sessions: list[Doc],
     ) -> None:
-        found: dict[Any, list[Any]] = {}
-        for doc in sessions:
-            found[doc["_id"]] = [_UNREAD, doc]
+        found: dict[Any, list[Any]] = {doc["_id"]: [None, doc] for doc in sessions}
         for doc in users:
-            found.setdefault(doc["_id"], [_UNREAD, _UNREAD])[0] = doc
-        batches: list[_Batch] = []
+            pair = found.get(doc["_id"])
+            if pair is None:
+                found[doc["_id"]] = [doc, None]
+            else:
+                pair[0] = doc
+        batch = _Batch(seq)
         for uid, (user, session) in found.items():
-            if not batches or len(batches[-1].users) >= BATCH:
-                batches.append(_Batch(page))
-            batches[-1].users[uid] = user
-            batches[-1].sessions[uid] = session
-        page.batches = len(batches)
-        if not batches:
-            self._close(page, pages)
-        for batch in batches:
+            if not needs_check(user, session):
+                continue
+            batch.ids.append(uid)
+            if user is not None:
+                batch.users[uid] = user
+            if session is not None:
+                batch.sessions[uid] = session
+            if len(batch.ids) >= BATCH:
+                await send.send(batch)
+                batch = _Batch(seq)
+        if batch.ids:
             await send.send(batch)
 
     async def _worker(
-        self, receive: trio.MemoryReceiveChannel[_Batch], pages: set[_Page],
-        progress: _Progress,
+        self, receive: trio.MemoryReceiveChannel[_Batch], progress: _Progress
     ) -> None:
         async with receive:
             async for batch in receive:
-                await self._db.until_answered("reconcile", partial(self._load, batch))
-                progress.checked(len(batch.users))
-                batch.page.batches -= 1
-                if batch.page.batches == 0:
-                    self._close(batch.page, pages)
-
-    async def _load(self, batch: _Batch) -> None:
-        """Read the documents the scans did not read by ``_id``, then load and write; a
-        MongoDB failure raises (the worker retries this batch alone)."""
-        store = self._db.store
-        ids = list(batch.users)
-        users = {uid: doc for uid, doc in batch.users.items() if doc is not _UNREAD}
-        sessions = {uid: doc for uid, doc in batch.sessions.items() if doc is not _UNREAD}
-        unread_users = [uid for uid in ids if uid not in users]
-        unread_sessions = [uid for uid in ids if uid not in sessions]
-        if unread_users:
-            users.update(await self._db.read(store.load_users, unread_users))
-        if unread_sessions:
-            sessions.update(await self._db.read(store.load_sessions, unread_sessions))
-        await self._writer.load_documents(
-            batch.page.seq, ids, users, sessions, Reason.RECONCILE
-        )
+                # No MongoDB read here; a failed write goes to the writer's retry set.
+                await self._writer.load_documents(
+                    batch.seq, batch.ids, batch.users, batch.sessions, Reason.RECONCILE
+                )
+                progress.checked(len(batch.ids))
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         """One read of the walk, repeated alone until MongoDB answers."""

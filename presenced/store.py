@@ -2,7 +2,7 @@
 
 This module owns each read and write presenced issues against Rocket.Chat's database
 (``users``, ``usersSessions``, ``instances``) and its own bookkeeping collection
-(``presenced_checkpoints``): the bulk loads by ``_id``, the reconcile scan, the
+(``presenced_checkpoints``): the bulk loads by ``_id``, the reconcile cursors, the
 conditional ``users`` writes, the reaper's guarded ``$pull``, the one index presenced
 creates, and the feed checkpoints. Each method is one round trip, or a bounded few, and
 its docstring states what it costs.
@@ -21,6 +21,8 @@ converts it to UTC when encoding).
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,8 +30,9 @@ from decimal import Decimal
 from typing import Any, Final, Literal, Protocol
 
 import pymongo
+import pymongo.cursor
 from bson import Binary, Decimal128, Int64, ObjectId, Regex, Timestamp
-from pymongo import ASCENDING, MongoClient, UpdateOne
+from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
 from pymongo.collection import Collection as MongoCollection
 from pymongo.database import Database
 
@@ -40,6 +43,7 @@ __all__ = [
     "ActionStore",
     "PresenceStore",
     "ReapRequest",
+    "ReconcileCursor",
     "ReconcileSource",
     "StatusWrite",
     "Store",
@@ -52,14 +56,30 @@ SESSIONS_UPDATED_AT_INDEX: Final = "presenced_connections_updatedAt"
 """The one index presenced creates: ``usersSessions {"connections._updatedAt": 1}``."""
 
 SCAN_TIMEOUT_S: Final = 120.0
-"""Time allowed to one page of the reconcile scan (it may scan much of a large collection
-before it fills a page), instead of the client's socket timeout."""
+"""Time allowed to one batch of a reconcile cursor (or to the read of the strays, which
+scans a whole collection), instead of the client's socket timeout."""
 
-_OFFLINE: Final = "offline"
+STRAYS_PAGE: Final = 100
+"""Documents per query of :meth:`Store.reconcile_strays` (one query from each end when
+there are fewer strays)."""
 
 ReconcileSource = Literal["sessions", "users"]
-"""Which collection a reconcile page reads: ``usersSessions`` documents with connections,
-or ``users`` whose stored status is not offline."""
+"""Which collection a reconcile cursor walks: ``usersSessions`` or ``users``."""
+
+
+class ReconcileCursor(Protocol):
+    """One reconcile cursor (:meth:`Store.reconcile_cursor`). Blocking: call each method
+    from a worker thread, one at a time (``close`` may come while a batch is under way in
+    an abandoned thread: it does not wait for it)."""
+
+    def next_batch(self) -> list[Document]:
+        """The next documents in ``_id`` order (at most the batch size); none: the end."""
+        ...
+
+    def close(self) -> None:
+        """Stop the cursor (a ``killCursors`` when the server still holds it); again: a
+        no-op."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -141,9 +161,9 @@ class PresenceStore(ActionStore, Protocol):
 
     def load_instances(self) -> list[Document]: ...
 
-    def reconcile_page(
-        self, source: ReconcileSource, after: str | None, limit: int, until: str | None = None
-    ) -> list[Document]: ...
+    def reconcile_cursor(
+        self, source: ReconcileSource, after: str | None, batch: int
+    ) -> ReconcileCursor: ...
 
     def reconcile_strays(self, source: ReconcileSource) -> list[Document]: ...
 
@@ -253,56 +273,44 @@ class Store:
 
     # ------------------------------------------------------------------ reconcile scan
 
-    def _reconcile_query(
+    def _reconcile_source(
         self, source: ReconcileSource
-    ) -> tuple[MongoCollection[Document], Document, Document]:
+    ) -> tuple[MongoCollection[Document], Document]:
         if source == "sessions":
-            return self._sessions, {"connections.0": {"$exists": True}}, {"connections": 1}
-        not_offline = {"$nin": [_OFFLINE, None]}
-        return (
-            self._users,
-            {"$or": [{"status": not_offline}, {"statusConnection": not_offline}]},
-            dict.fromkeys(USER_FIELDS, 1),
-        )
+            return self._sessions, {"connections": 1}
+        return self._users, dict.fromkeys(USER_FIELDS, 1)
 
-    def reconcile_page(
-        self, source: ReconcileSource, after: str | None, limit: int, until: str | None = None
-    ) -> list[Document]:
-        """One page of the documents presence must look at, in ``_id`` order, strictly
-        after ``after`` (None: from the first) and up to ``until`` included (None: no
-        bound), at most ``limit``: ``usersSessions``
-        documents whose ``connections`` is non-empty (``source="sessions"``; ``_id`` and
-        ``connections``, as ``load_sessions``), or ``users`` whose ``status`` or
-        ``statusConnection`` is set and not ``"offline"`` (``"users"``; projected as
-        ``load_users``). The documents themselves, so the reconciler reads each user's
-        document of the scanned collection once, and only the other one by ``_id``.
+    def reconcile_cursor(
+        self, source: ReconcileSource, after: str | None, batch: int
+    ) -> ReconcileCursor:
+        """A cursor over every document of a source whose ``_id`` is a string, in ``_id``
+        order, strictly after ``after`` (None: from the first): ``usersSessions`` (``_id``
+        and ``connections``, as ``load_sessions``) or ``users`` (projected as
+        ``load_users``). Whole collections, unfiltered: the reconciler reads each user's
+        two documents side by side, so it never reads one by ``_id``, and decides itself
+        which users need a look. Read it a batch at a time (``next_batch``, an empty
+        batch at the end); a cursor that failed is closed and a new one opened after the
+        last id received, so a large collection is never read again from the start.
 
-        String ids only (Rocket.Chat's ids are strings; MongoDB compares ``$gt`` within one
-        BSON type): :meth:`reconcile_strays` gives the others. A page is its own query, so a
-        page that failed is retried alone, after the last id of the page before it. Fewer
-        than ``limit`` ids means the source is done.
+        String ids only (Rocket.Chat's ids are strings; the reconciler compares them as
+        MongoDB does, by code point): :meth:`reconcile_strays` gives the others. Strings
+        are contiguous in ``_id`` order (numbers sort before them, ObjectIds and the other
+        types after), so the cursor drops the ids before the first string and ends at the
+        first id after the last one.
 
-        Cost: one ``find`` with ``sort _id`` and ``limit``, on the ``_id`` index (no index
-        serves "non-empty array" or "not offline": the server reads documents in ``_id``
-        order until the page is full). It may take long on a large collection whose
-        matching documents are sparse, so it runs under a :data:`SCAN_TIMEOUT_S` operation
-        timeout instead of the client's socket timeout.
+        Cost: one ``find`` with ``sort _id`` on the ``_id`` index (no blocking sort; no
+        filter from the start, ``{_id: {$gt: after}}`` when resumed), then one ``getMore``
+        per ``batch`` documents; each batch under a :data:`SCAN_TIMEOUT_S` operation
+        timeout instead of the client's socket timeout. No I/O until the first batch.
         """
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, not {limit}")
-        collection, query, projection = self._reconcile_query(source)
-        # Strings only: a range bound of a string matches strings alone ("" is the least
-        # string), so no $type clause is needed (one less test per document scanned).
-        id_filter: Document = {"$gt": after} if after is not None else {"$gte": ""}
-        if until is not None:
-            id_filter["$lte"] = until
-        with pymongo.timeout(SCAN_TIMEOUT_S):
-            cursor = collection.find(
-                {"_id": id_filter, **query}, projection,
-                sort=[("_id", ASCENDING)], limit=limit, batch_size=limit,
-            )
-            with cursor:
-                return list(cursor)
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, not {batch}")
+        collection, projection = self._reconcile_source(source)
+        cursor = collection.find(
+            {} if after is None else {"_id": {"$gt": after}}, projection,
+            sort=[("_id", ASCENDING)], batch_size=batch,
+        )
+        return _ScanCursor(cursor, batch)
 
     def estimated_count(self, source: ReconcileSource) -> int:
         """How many documents the collection of ``source`` holds, from its metadata (an
@@ -310,24 +318,36 @@ class Store:
 
         Cost: one ``count`` command answered from collection metadata (no scan).
         """
-        collection, _, _ = self._reconcile_query(source)
+        collection, _ = self._reconcile_source(source)
         return int(collection.estimated_document_count())
 
     def reconcile_strays(self, source: ReconcileSource) -> list[Document]:
-        """The documents :meth:`reconcile_page` does not page through: those whose ``_id``
-        is not a string (none in a Rocket.Chat database; read whole, in one query),
-        projected as a page.
+        """The documents :meth:`reconcile_cursor` does not walk: those whose ``_id`` is not
+        a string (none in a Rocket.Chat database), projected as a cursor's.
 
-        Cost: one ``find`` (``getMore`` per 101 documents past the first batch) under the
-        :data:`SCAN_TIMEOUT_S` operation timeout.
+        Cost: they sort before the strings (numbers, null) or after them (ObjectIds,
+        dates, ...): two ``find`` walking the ``_id`` index from each end, ``limit``
+        :data:`STRAYS_PAGE` (a further page with ``skip`` only while a page holds no
+        string), each under the :data:`SCAN_TIMEOUT_S` operation timeout. No collection
+        scan (an index cannot serve ``$type``).
         """
-        collection, query, projection = self._reconcile_query(source)
-        with pymongo.timeout(SCAN_TIMEOUT_S):
-            cursor = collection.find(
-                {"$and": [{"_id": {"$not": {"$type": "string"}}}, query]}, projection
-            )
-            with cursor:
-                return list(cursor)
+        collection, projection = self._reconcile_source(source)
+        found: list[Document] = []
+        for direction in (ASCENDING, DESCENDING):
+            skip = 0
+            while True:
+                with pymongo.timeout(SCAN_TIMEOUT_S):
+                    page = list(collection.find(
+                        {}, projection, sort=[("_id", direction)], skip=skip,
+                        limit=STRAYS_PAGE, batch_size=STRAYS_PAGE,
+                    ))
+                strays = list(itertools.takewhile(_not_a_string_id, page))
+                found += strays
+                if len(strays) < len(page) or len(page) < STRAYS_PAGE:
+                    break
+                skip += STRAYS_PAGE
+        # A collection of strays only is read from both ends: each document once.
+        return list({_stray_key(doc["_id"]): doc for doc in found}.values())
 
     # ------------------------------------------------------------------ users writes
 
@@ -574,6 +594,72 @@ class Store:
             {"$set": {"position": position}, "$currentDate": {"updatedAt": True}},
             upsert=True,
         )
+
+
+class _ScanCursor:
+    """A pymongo cursor read a batch at a time, each batch under its own operation timeout,
+    string ids only. A lock keeps ``close`` from running beside a batch (pymongo cursors
+    are not safe across threads at once); a ``close`` that comes while a batch is under way
+    (in a thread its caller abandoned) does not wait for it: the batch closes the cursor
+    when it ends."""
+
+    def __init__(self, cursor: pymongo.cursor.Cursor[Document], batch: int) -> None:
+        self._cursor = cursor
+        self._batch = batch
+        self._lock = threading.Lock()
+        self._ended = False
+        self._strings = False  # a string id was read: a stray now means the end
+        self._closing = False
+
+    def next_batch(self) -> list[Document]:
+        with self._lock:
+            try:
+                return self._next_batch()
+            finally:
+                if self._closing:
+                    self._cursor.close()
+
+    def _next_batch(self) -> list[Document]:
+        while not self._ended and not self._closing:
+            with pymongo.timeout(SCAN_TIMEOUT_S):
+                # With batch_size == batch: one server batch (find or getMore).
+                docs = list(itertools.islice(self._cursor, self._batch))
+            if not docs:
+                self._ended = True
+                break
+            if isinstance(docs[0]["_id"], str) and isinstance(docs[-1]["_id"], str):
+                self._strings = True
+                return docs  # strings only (they are contiguous)
+            strings = [doc for doc in docs if isinstance(doc["_id"], str)]
+            if not isinstance(docs[-1]["_id"], str) and (strings or self._strings):
+                self._ended = True  # past the last string: the rest are strays
+                self._cursor.close()
+            if strings:
+                self._strings = True
+                return strings
+        return []
+
+    def close(self) -> None:
+        self._closing = True
+        if self._lock.acquire(blocking=False):  # else: the batch under way closes it
+            try:
+                self._cursor.close()
+            finally:
+                self._lock.release()
+
+
+def _not_a_string_id(doc: Document) -> bool:
+    return not isinstance(doc["_id"], str)
+
+
+def _stray_key(value: Any) -> tuple[str, Any]:
+    """A key telling apart ids of different types that compare equal in Python (1, 1.0,
+    True), so a stray read from both ends counts once."""
+    try:
+        hash(value)
+    except TypeError:
+        return type(value).__name__, repr(value)
+    return type(value).__name__, value
 
 
 def _expected(value: object) -> Any:

@@ -31,7 +31,7 @@ from presenced.feed.source import HistoryLost
 from presenced.presence import ABSENT, USER_FIELDS, from_ms, to_ms
 from presenced.store import ReapRequest, ReconcileSource, StatusWrite, WriteOutcome
 
-__all__ = ["MemoryFeed", "MemoryStore"]
+__all__ = ["MemoryCursor", "MemoryFeed", "MemoryStore"]
 
 Document = dict[str, Any]
 
@@ -119,7 +119,8 @@ class MemoryStore:
     """``users``, ``usersSessions``, ``instances`` and checkpoints in dicts.
 
     ``calls`` counts every store method called; ``fail(method, *errors)`` makes the next
-    calls of ``method`` raise the given errors, one each.
+    calls of ``method`` raise the given errors, one each (``"next_batch:users"`` or
+    ``"next_batch:sessions"``: a reconcile cursor's batches of that source only).
     """
 
     def __init__(self, feed: MemoryFeed | None = None, *, replica_set: str | None = "rs0") -> None:
@@ -130,18 +131,24 @@ class MemoryStore:
         self.instances: dict[str, Document] = {}
         self.checkpoints: dict[str, Document] = {}
         self.calls: Counter[str] = Counter()
-        self.pages: list[tuple[str, Any]] = []
+        self.cursors: list[MemoryCursor] = []
+        """Every reconcile cursor opened, in order."""
+        self.before_batch: Callable[[MemoryCursor], None] | None = None
+        """Called with the cursor before each reconcile batch is read (it may raise)."""
         self.writes: list[StatusWrite] = []
         self._failures: dict[str, list[BaseException]] = {}
 
     def fail(self, method: str, *errors: BaseException) -> None:
         self._failures.setdefault(method, []).extend(errors)
 
-    def _call(self, method: str) -> None:
+    def _call(self, method: str, *more: str) -> None:
+        """Count ``method``; raise the next failure injected for it (or for one of the
+        more specific names ``more``)."""
         self.calls[method] += 1
-        failures = self._failures.get(method)
-        if failures:
-            raise failures.pop(0)
+        for name in (*more, method):
+            failures = self._failures.get(name)
+            if failures:
+                raise failures.pop(0)
 
     # -- Rocket.Chat's writes ---------------------------------------------------------------
     def add_user(
@@ -327,37 +334,34 @@ class MemoryStore:
             for doc in self.instances.values()
         ]
 
-    def _reconcile_ids(self, source: ReconcileSource) -> list[Any]:
-        if source == "sessions":
-            return [uid for uid, doc in self.sessions.items()
-                    if isinstance(doc.get("connections"), list) and doc["connections"]]
-        return [uid for uid, doc in self.users.items()
-                if doc.get("status") not in ("offline", None)
-                or doc.get("statusConnection") not in ("offline", None)]
-
     def _reconcile_docs(self, source: ReconcileSource, ids: list[Any]) -> list[Document]:
         if source == "sessions":
-            return [copy.deepcopy(self.sessions[uid]) for uid in ids]
+            return [self._session_projected(uid, self.sessions[uid]) for uid in ids]
         return [self._user_projected(uid, self.users[uid]) for uid in ids]
 
     @staticmethod
     def _user_projected(user_id: Any, doc: Document) -> Document:
         return {"_id": user_id, **{f: copy.deepcopy(doc[f]) for f in USER_FIELDS if f in doc}}
 
-    def reconcile_page(
-        self, source: ReconcileSource, after: str | None, limit: int, until: str | None = None
-    ) -> list[Document]:
-        self._call("reconcile_page")
-        self.pages.append((source, after))
-        ids = sorted(uid for uid in self._reconcile_ids(source)
-                     if isinstance(uid, str) and (after is None or uid > after)
-                     and (until is None or uid <= until))
-        return self._reconcile_docs(source, ids[:limit])
+    @staticmethod
+    def _session_projected(user_id: Any, doc: Document) -> Document:
+        return {"_id": user_id, **({"connections": copy.deepcopy(doc["connections"])}
+                                   if "connections" in doc else {})}
+
+    def reconcile_cursor(
+        self, source: ReconcileSource, after: str | None, batch: int
+    ) -> MemoryCursor:
+        self._call("reconcile_cursor")
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, not {batch}")
+        cursor = MemoryCursor(self, source, after, batch)
+        self.cursors.append(cursor)
+        return cursor
 
     def reconcile_strays(self, source: ReconcileSource) -> list[Document]:
         self._call("reconcile_strays")
-        ids = [uid for uid in self._reconcile_ids(source) if not isinstance(uid, str)]
-        return self._reconcile_docs(source, ids)
+        table = self.sessions if source == "sessions" else self.users
+        return self._reconcile_docs(source, [uid for uid in table if not isinstance(uid, str)])
 
     def estimated_count(self, source: ReconcileSource) -> int:
         self._call("estimated_count")
@@ -425,6 +429,46 @@ class MemoryStore:
     def save_checkpoint(self, name: str, position: Any) -> None:
         self._call("save_checkpoint")
         self.checkpoints[name] = {"_id": name, "position": position}
+
+
+class MemoryCursor:
+    """A reconcile cursor over the store's dicts. As the emulator's (and as a MongoDB cursor
+    may, within a batch), it reads every document it will return when its first batch is
+    asked for: a batch can be as old as the cursor's first one, never older."""
+
+    def __init__(
+        self, store: MemoryStore, source: ReconcileSource, after: str | None, batch: int
+    ) -> None:
+        self.store = store
+        self.source: ReconcileSource = source
+        self.after = after
+        self.batch = batch
+        self.batches = 0
+        """Batches asked for (failed ones included)."""
+        self.closed = False
+        self._docs: deque[Document] | None = None
+
+    def next_batch(self) -> list[Document]:
+        store = self.store
+        store._call("next_batch", f"next_batch:{self.source}")
+        self.batches += 1
+        if store.before_batch is not None:
+            store.before_batch(self)
+        if self.closed:
+            return []  # as pymongo's cursor once exhausted (or closed)
+        if self._docs is None:
+            table = store.sessions if self.source == "sessions" else store.users
+            ids = sorted(uid for uid in table if isinstance(uid, str)
+                         and (self.after is None or uid > self.after))
+            self._docs = deque(store._reconcile_docs(self.source, ids))
+        out = [self._docs.popleft() for _ in range(min(self.batch, len(self._docs)))]
+        if not self._docs:
+            self.closed = True  # exhausted: MongoDB closes the cursor itself
+        return out
+
+    def close(self) -> None:
+        self.store._call("close_cursor")
+        self.closed = True
 
 
 def _same_instant(stored: object, when: datetime) -> bool:

@@ -7,7 +7,9 @@ users (default 100,000), each with one fresh connection. Then, in each round:
   the same emulator: ``list(usersSessions.find({"connections.0": {$exists: true}},
   {connections: 1}))`` plus ``list(users.find({}, <USER_FIELDS>))``, both whole, one after
   the other, in this (benchmark) process. This is the emulator's floor: presenced cannot
-  read the same documents faster than one client reading them back to back;
+  read the same documents faster than one client reading them back to back (presenced
+  reads both collections whole, by ``_id``; here every user has a connection, so these
+  are the same documents);
 - cold: every user stored offline but connected (as Rocket.Chat leaves them after a crash
   of the previous presence service), so every user is written: ``presenced run`` is timed
   from its start until ``/ready`` answers 200 (the start-up reconciliation is done);

@@ -13,14 +13,16 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from bson import Timestamp
+from bson import ObjectId, Timestamp
 from pymongo import MongoClient, monitoring
 from pymongo.database import Database
 
 from presenced.presence import ABSENT, USER_FIELDS, Collections
+from presenced.reconcile import needs_check
 from presenced.store import (
     SESSIONS_UPDATED_AT_INDEX,
     ReapRequest,
+    ReconcileSource,
     StatusWrite,
     Store,
 )
@@ -569,65 +571,102 @@ def seed_reconcile_population(db: Database[Doc]) -> set[str]:
     }
 
 
-def reconcile_all(store: Store, limit: int) -> tuple[list[Any], list[list[Any]]]:
-    """Every id of both sources as the reconciler walks them: pages, then strays."""
-    ids: list[Any] = []
-    pages: list[list[Any]] = []
-    for source in ("sessions", "users"):
-        after = None
-        while True:
-            page = [doc["_id"] for doc in store.reconcile_page(source, after, limit)]
-            pages.append(page)
-            ids.extend(page)
-            if len(page) < limit:
-                break
-            after = page[-1]
-        ids.extend(doc["_id"] for doc in store.reconcile_strays(source))
-    return ids, pages
+def read_cursor(store: Store, source: ReconcileSource, after: str | None, batch: int
+                ) -> list[list[Doc]]:
+    """Every batch of a reconcile cursor, to its end (an empty batch, not returned)."""
+    cursor = store.reconcile_cursor(source, after, batch)
+    batches: list[list[Doc]] = []
+    try:
+        while docs := cursor.next_batch():
+            assert len(docs) <= batch
+            batches.append(docs)
+        return batches
+    finally:
+        cursor.close()
 
 
-def test_reconcile_pages_cover_every_candidate_in_id_order_each_once_per_source(
+def test_a_reconcile_cursor_walks_every_string_id_in_id_order_in_batches(
     store: Store, db: Database[Doc]
 ) -> None:
-    expected = seed_reconcile_population(db)
+    seed_reconcile_population(db)
 
-    ids, pages = reconcile_all(store, limit=2)
-
-    assert set(ids) == expected
-    assert all(len(page) <= 2 for page in pages)
-    for page in pages:
-        assert page == sorted(page)
-    # "connected-online" is a candidate in both sources; the reconciler skips the repeat.
-    assert ids.count("connected-online") == 2
-    assert len(ids) == len(expected) + 1
+    for source, collection in (("sessions", db.usersSessions), ("users", db.users)):
+        batches = read_cursor(store, source, None, 2)  # type: ignore[arg-type]
+        ids = [doc["_id"] for batch in batches for doc in batch]
+        assert ids == sorted(doc["_id"] for doc in collection.find())
+        assert all(len(batch) == 2 for batch in batches[:-1])
 
 
-def test_a_reconcile_page_resumes_strictly_after_the_last_id_done(
+def test_a_reconcile_cursor_resumes_strictly_after_the_last_id_received(
     store: Store, db: Database[Doc]
 ) -> None:
     db.usersSessions.insert_many(
         [session(f"u{n}", connection(f"c{n}")) for n in (5, 1, 3, 2, 4)]
     )
 
-    def page(after: str | None) -> list[Any]:
-        return [doc["_id"] for doc in store.reconcile_page("sessions", after, 2)]
+    def ids(after: str | None) -> list[Any]:
+        return [doc["_id"] for batch in read_cursor(store, "sessions", after, 2) for doc in batch]
 
-    assert page(None) == ["u1", "u2"]
-    assert page("u2") == ["u3", "u4"]
-    assert page("u4") == ["u5"]
+    assert ids(None) == ["u1", "u2", "u3", "u4", "u5"]
+    assert ids("u2") == ["u3", "u4", "u5"]
+    assert ids("u5") == []
 
 
-def test_a_reconcile_page_stops_at_its_upper_bound_included(
+def test_a_reconcile_cursor_closed_while_a_batch_is_under_way_is_closed_by_that_batch(
+    monitored_store: Store, db: Database[Doc], commands: Commands
+) -> None:
+    db.users.insert_many([user(f"u{n}") for n in range(10)])
+    cursor = monitored_store.reconcile_cursor("users", None, 3)
+    assert len(cursor.next_batch()) == 3
+    lock: threading.Lock = cursor._lock  # type: ignore[attr-defined]
+    commands.clear()
+
+    with lock:  # a batch under way in another (abandoned) thread
+        cursor.close()  # returns at once
+        assert commands.names == []
+    assert cursor.next_batch() == []  # that batch ends: it closes the cursor
+
+    assert commands.names == ["killCursors"]
+
+
+def test_a_reconcile_cursor_drops_the_ids_before_the_strings_and_ends_after_them(
     store: Store, db: Database[Doc]
 ) -> None:
-    db.usersSessions.insert_many([session(f"u{n}", connection(f"c{n}")) for n in range(1, 6)])
+    strays: list[Any] = [None, -3, 2.5, 7, ObjectId(), True, datetime(2024, 1, 1), {"a": 1}]
+    db.users.insert_many([user(uid) for uid in strays])
+    db.users.insert_many([user(f"u{n}") for n in range(5)])
 
-    def page(after: str | None, until: str | None) -> list[Any]:
-        return [doc["_id"] for doc in store.reconcile_page("sessions", after, 10, until)]
+    for batch in (1, 2, 3, 100):
+        ids = [doc["_id"] for docs in read_cursor(store, "users", None, batch) for doc in docs]
+        assert ids == [f"u{n}" for n in range(5)], batch
+    assert sorted(map(repr, (d["_id"] for d in store.reconcile_strays("users")))) == sorted(
+        map(repr, strays)
+    )
 
-    assert page(None, "u3") == ["u1", "u2", "u3"]
-    assert page("u3", "u4") == ["u4"]
-    assert page("u4", None) == ["u5"]
+
+def test_reconcile_strays_of_a_collection_of_strays_only_are_each_read_once(
+    store: Store, db: Database[Doc]
+) -> None:
+    db.users.insert_many([user(n) for n in range(250)])  # type: ignore[arg-type]
+
+    assert sorted(doc["_id"] for doc in store.reconcile_strays("users")) == list(range(250))
+    assert read_cursor(store, "users", None, 10) == []
+
+
+def test_a_reconcile_cursor_reads_a_batch_per_command_and_is_killed_when_closed_early(
+    monitored_store: Store, db: Database[Doc], commands: Commands
+) -> None:
+    db.users.insert_many([user(f"u{n}") for n in range(10)])
+    commands.clear()
+    cursor = monitored_store.reconcile_cursor("users", None, 3)
+    assert commands.names == []  # no I/O before the first batch
+
+    assert [doc["_id"] for doc in cursor.next_batch()] == ["u0", "u1", "u2"]
+    assert [doc["_id"] for doc in cursor.next_batch()] == ["u3", "u4", "u5"]
+    cursor.close()
+    cursor.close()  # again: a no-op
+
+    assert commands.names == ["find", "getMore", "killCursors"]
 
 
 def test_reconcile_strays_finds_the_ids_that_are_not_strings(
@@ -637,19 +676,20 @@ def test_reconcile_strays_finds_the_ids_that_are_not_strings(
         [session(7, connection("c1")), session("s", connection("c2")), session(8)]  # type: ignore[arg-type]
     )
 
-    assert [doc["_id"] for doc in store.reconcile_page("sessions", None, 10)] == ["s"]
-    assert [doc["_id"] for doc in store.reconcile_strays("sessions")] == [7]
+    assert [doc["_id"] for doc in read_cursor(store, "sessions", None, 10)[0]] == ["s"]
+    assert sorted(doc["_id"] for doc in store.reconcile_strays("sessions")) == [7, 8]
+    assert store.reconcile_strays("users") == []
 
 
-def test_reconcile_pages_hold_the_documents_projected_as_the_bulk_loads(
+def test_reconcile_cursors_hold_the_documents_projected_as_the_bulk_loads(
     store: Store, db: Database[Doc]
 ) -> None:
     seed_reconcile_population(db)
     db.users.update_one({"_id": "stuck-away"}, {"$set": {"services": {"password": "x"}}})
     db.usersSessions.update_one({"_id": "session-only"}, {"$set": {"extra": 1}})
 
-    sessions = store.reconcile_page("sessions", None, 10)
-    users = store.reconcile_page("users", None, 10)
+    sessions = read_cursor(store, "sessions", None, 100)[0]
+    users = read_cursor(store, "users", None, 100)[0]
 
     by_id = {doc["_id"]: doc for doc in sessions}
     assert by_id == store.load_sessions(list(by_id))
@@ -659,20 +699,21 @@ def test_reconcile_pages_hold_the_documents_projected_as_the_bulk_loads(
     assert by_id["stuck-away"]["status"] == "away" and "services" not in by_id["stuck-away"]
 
 
-def test_reconcile_skips_offline_users_without_connections(
+def test_the_users_reconcile_needs_are_those_with_connections_or_stored_online(
     store: Store, db: Database[Doc]
 ) -> None:
+    expected = seed_reconcile_population(db)
     db.usersSessions.insert_many([session("offline-empty"), {"_id": "offline-no-field"}])
-    db.users.insert_many(
-        [
-            user("offline-empty"),
-            user("offline-no-field"),
-            user("offline-no-session"),
-            user("missing-status", status=None, status_connection=None),
-        ]
-    )
+    db.users.insert_many([user("offline-empty"), user("offline-no-field")])
+    users = {doc["_id"]: doc for doc in read_cursor(store, "users", None, 100)[0]}
+    sessions = {doc["_id"]: doc for doc in read_cursor(store, "sessions", None, 100)[0]}
 
-    assert reconcile_all(store, limit=10)[0] == []
+    needed = {
+        uid for uid in users.keys() | sessions.keys()
+        if needs_check(users.get(uid), sessions.get(uid))
+    }
+
+    assert needed == expected
 
 
 def test_estimated_count_is_the_collection_size(store: Store, db: Database[Doc]) -> None:

@@ -10,8 +10,6 @@ process against MongoDB in real time.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
-from typing import Any
 
 from pymongo.errors import AutoReconnect, OperationFailure, ServerSelectionTimeoutError
 
@@ -19,9 +17,8 @@ from presenced.daemon import SHUTDOWN_GRACE_S
 from presenced.engine import Reason
 from presenced.feed.keys import UserChanged
 from presenced.presence import ABSENT, from_ms
-from presenced.reconcile import PAGE
-from presenced.store import ReconcileSource
-from presenced.writer import BATCH
+from presenced.reconcile import SCAN_BATCH
+from presenced.testing.memory import MemoryCursor
 
 from .daemon_double import MONGO_URL, Env, run
 
@@ -285,64 +282,35 @@ def test_an_outage_is_logged_when_it_starts_at_most_once_a_minute_with_its_lengt
 # --- defect: start-up on a large database -----------------------------------------------------
 
 
-def test_a_failed_reconcile_page_is_retried_alone_and_progress_is_logged() -> None:
+def test_a_failed_reconcile_cursor_resumes_after_its_last_id_and_progress_is_logged() -> None:
     async def scenario(env: Env) -> None:
         now = env.now()
-        for n in range(2 * PAGE + 1):
+        for n in range(2 * SCAN_BATCH + 1):
             uid = f"u{n:05d}"
             env.store.add_user(uid)
             env.store.connect(uid, f"c{n}", None, now)
-        first_page_last = f"u{PAGE - 1:05d}"
-        # The second page times out six times in a row (6.3 s of backoff in all).
-        failures = [AutoReconnect("timed out")] * 6
-        original = env.store.reconcile_page
+        first_batch_last = f"u{SCAN_BATCH - 1:05d}"
+        # The sessions cursor's second batch times out, then the first batch of each
+        # cursor opened after it: six in a row (6.3 s of backoff in all).
+        served = [0]
 
-        def flaky(
-            source: ReconcileSource, after: str | None, limit: int, until: str | None = None
-        ) -> list[dict[str, Any]]:
-            if source == "sessions" and after == first_page_last and failures:
-                failures.pop()
-                raise AutoReconnect("timed out")
-            return original(source, after, limit, until)
+        def flaky(cursor: MemoryCursor) -> None:
+            if cursor.source == "sessions":
+                served[0] += 1
+                if 2 <= served[0] <= 7:
+                    raise AutoReconnect("timed out")
 
-        env.store.reconcile_page = flaky  # type: ignore[method-assign]
+        env.store.before_batch = flaky
         async with env.running():
-            assert env.store.presence(f"u{2 * PAGE:05d}") == ON
-            sessions_pages = [after for source, after in env.store.pages if source == "sessions"]
-            # Never started over: the first page was read once, the failed one until it
-            # answered, then the rest.
-            assert sessions_pages == [None, first_page_last, f"u{2 * PAGE - 1:05d}"]
+            assert env.store.presence(f"u{2 * SCAN_BATCH:05d}") == ON
+            afters = [c.after for c in env.store.cursors if c.source == "sessions"]
+            # Never started over: the first batch was read once, then each new cursor
+            # after its last id.
+            assert afters == [None] + [first_batch_last] * 6
             assert env.metric("presenced_mongodb_errors_total", component="reconcile") == 6
             progress = env.lines("INFO", "reconciliation (startup): ")
-            assert progress and "users checked" in progress[0] and "documents read" in progress[0]
-
-    run(scenario)
-
-
-def test_a_failed_load_during_reconciliation_is_retried_alone() -> None:
-    async def scenario(env: Env) -> None:
-        now = env.now()
-        for n in range(3 * BATCH):
-            uid = f"u{n:05d}"
-            env.store.add_user(uid)
-            env.store.connect(uid, f"c{n}", None, now)
-        loaded: list[str] = []
-        original = env.store.load_users
-        failures = [AutoReconnect("timed out")] * 3
-
-        def flaky(user_ids: Collection[Any]) -> dict[Any, Any]:
-            ids = list(user_ids)
-            if ids[0] == f"u{BATCH:05d}" and failures:  # the second batch of the page
-                failures.pop()
-                raise AutoReconnect("timed out")
-            loaded.append(ids[0])
-            return original(ids)
-
-        env.store.load_users = flaky  # type: ignore[method-assign]
-        async with env.running():
-            assert env.store.presence(f"u{3 * BATCH - 1:05d}") == ON
-            first_batches = [first for first in loaded if first in ("u00000", f"u{BATCH:05d}")]
-            assert first_batches[:2] == ["u00000", f"u{BATCH:05d}"]  # batch 1 read once
+            assert progress and "users checked" in progress[0]
+            assert "documents read" in progress[0]
 
     run(scenario)
 

@@ -1,6 +1,7 @@
-"""Reconciliation's one-read walk and its pipelined batches, in the whole daemon under
-MockClock (``tests.unit.daemon_double``): which documents are read, how often, and that a
-reconcile read never overrides a newer one."""
+"""Reconciliation's merge walk (one cursor per collection, merged by ``_id``) and its
+pipelined batches, in the whole daemon under MockClock (``tests.unit.daemon_double``):
+which documents are read, how often, that a failed cursor resumes after its last id, and
+that a reconcile read never overrides a newer one."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from typing import Any
 
+import pytest
 import trio
+from bson import ObjectId
 from pymongo.errors import AutoReconnect
 
 from presenced.engine import Reason, Transition
-from presenced.reconcile import PAGE
+from presenced.reconcile import SCAN_BATCH, UnorderedIds, needs_check
 from presenced.store import ReconcileSource
+from presenced.testing.memory import MemoryCursor
 from presenced.writer import BATCH
 
 from .daemon_double import Env, run
@@ -33,7 +37,44 @@ def record(env: Env, name: str, into: list[list[Any]]) -> None:
     setattr(env.store, name, recorded)
 
 
-def test_each_user_is_read_once_the_scanned_document_is_not_read_again() -> None:
+def count_loads(env: Env, into: Counter[Any]) -> None:
+    """Count the users the reconciler hands to the writer."""
+    writer = env.daemon.writer
+    assert writer is not None
+    original = writer.load_documents
+
+    async def counting(
+        seq: int, chunk: Sequence[Any], users: dict[Any, Any], sessions: dict[Any, Any],
+        reason: Reason,
+    ) -> list[Transition]:
+        into.update(chunk)
+        return await original(seq, chunk, users, sessions, reason)
+
+    writer.load_documents = counting  # type: ignore[method-assign]
+
+
+def cursors(env: Env, source: ReconcileSource) -> list[MemoryCursor]:
+    return [c for c in env.store.cursors if c.source == source]
+
+
+def test_which_users_need_a_check() -> None:
+    online = {"_id": "u", "status": "online", "statusConnection": "online"}
+    offline = {"_id": "u", "status": "offline", "statusConnection": "offline"}
+    connected = {"_id": "u", "connections": [{"id": "c"}]}
+    assert needs_check(online, None) and needs_check(offline, connected)
+    assert needs_check(None, connected)  # a deleted user's connections: forgotten
+    assert needs_check({"_id": "u", "status": "busy", "statusConnection": "offline"}, None)
+    assert needs_check({"_id": "u", "status": "offline", "statusConnection": 7}, None)
+    assert needs_check(offline, {"_id": "u", "connections": "junk"})  # refused, counted
+    assert not needs_check(offline, None)
+    assert not needs_check(offline, {"_id": "u", "connections": []})
+    assert not needs_check(offline, {"_id": "u"})
+    assert not needs_check({"_id": "u"}, None)  # never seen: no status fields
+    assert not needs_check({"_id": "u", "status": None, "statusConnection": None}, None)
+    assert not needs_check(None, {"_id": "u", "connections": []})
+
+
+def test_each_collection_is_read_once_by_one_cursor_and_nothing_by_id() -> None:
     async def scenario(env: Env) -> None:
         now = env.now()
         for uid in ("c1", "c2", "both"):  # connected, stored offline (and "both" online)
@@ -43,6 +84,7 @@ def test_each_user_is_read_once_the_scanned_document_is_not_read_again() -> None
         env.store.add_user("stuck-away", status="away")
         env.store.sessions["stuck-away"] = {"_id": "stuck-away", "connections": []}
         env.store.add_user("offline")  # nothing to look at
+        env.store.connect("gone", "conn-gone", None, now)  # connections, no users document
         users_reads: list[list[Any]] = []
         sessions_reads: list[list[Any]] = []
         record(env, "load_users", users_reads)
@@ -52,24 +94,89 @@ def test_each_user_is_read_once_the_scanned_document_is_not_read_again() -> None
             assert env.store.presence("stuck") == OFF
             assert env.store.presence("stuck-away") == OFF
             assert env.store.presence("offline") == OFF
-            # The scans held the sessions of the connected and the users stored online: by
-            # _id, only the users stored offline but connected, and the sessions of the
-            # users stored online without connections ("both" was in both scans).
-            assert sorted(u for ids in users_reads for u in ids) == ["c1", "c2"]
-            assert sorted(u for ids in sessions_reads for u in ids) == ["stuck", "stuck-away"]
+            assert "offline" not in env.daemon.engine and "gone" not in env.daemon.engine
+            assert "gone" not in env.store.users
+            assert users_reads == [] and sessions_reads == []
+            assert sorted((c.source, c.after) for c in env.store.cursors) == [
+                ("sessions", None), ("users", None)
+            ]
+            assert all(c.closed for c in env.store.cursors)
 
     run(scenario)
 
 
-def test_a_sessions_change_after_the_page_scan_is_not_overwritten_by_the_older_read() -> None:
+def test_users_in_one_collection_only_across_batch_boundaries_are_each_checked_once() -> None:
+    count = 2 * SCAN_BATCH + 3
+
+    async def scenario(env: Env) -> None:
+        now = env.now()
+        for n in range(count):
+            uid = f"u{n:05d}"
+            if n % 4 != 3:  # one in four has no users document (a deleted user)
+                env.store.add_user(uid, status="online" if n % 2 else "offline")
+            if n % 3 == 0:  # one in three connected: the sessions cursor is shorter
+                env.store.connect(uid, f"c{n}", None, now, "away" if n == 6 else "online")
+        loaded: Counter[Any] = Counter()
+        async with env.running():
+            count_loads(env, loaded)
+
+            def expected(n: int) -> tuple[Any, Any]:
+                if n == 6:
+                    return ("away", "away")
+                return ON if n % 3 == 0 else OFF
+
+            def converged() -> None:
+                for n in range(count):
+                    if n % 4 != 3:
+                        assert env.store.presence(f"u{n:05d}") == expected(n), n
+
+            converged()
+            for doc in env.store.users.values():  # stored online again
+                doc["status"] = doc["statusConnection"] = "online"
+            env.store.cursors.clear()
+            checked = await env.daemon.reconciler.reconcile("test")  # type: ignore[union-attr]
+            converged()
+            # Every user with a document anywhere needs a look now (stored online, or
+            # connected): each handed over exactly once, in one pass of each cursor.
+            everyone = {f"u{n:05d}" for n in range(count) if n % 4 != 3 or n % 3 == 0}
+            assert checked == len(loaded) == len(everyone)
+            assert set(loaded) == everyone and set(loaded.values()) == {1}
+            assert [c.after for c in cursors(env, "users")] == [None]
+            assert [c.after for c in cursors(env, "sessions")] == [None]
+            # 7,502 users: a full batch, the rest, then the empty one that ends it.
+            assert cursors(env, "users")[0].batches == 3
+
+    run(scenario)
+
+
+def test_users_with_ids_that_are_not_strings_are_read_apart_and_checked() -> None:
+    oid = ObjectId()
+
+    async def scenario(env: Env) -> None:
+        now = env.now()
+        for uid in (7, oid, "s"):
+            env.store.add_user(uid)
+            env.store.connect(uid, f"c-{uid}", None, now)
+        env.store.add_user(8, status="online")  # stored online, no connections
+        env.store.add_user(9)  # stored offline, nothing to do
+        async with env.running():
+            assert [env.store.presence(u) for u in (7, oid, "s")] == [ON] * 3
+            assert env.store.presence(8) == OFF and env.store.presence(9) == OFF
+            assert 9 not in env.daemon.engine
+            assert env.store.calls["reconcile_strays"] == 2  # users, sessions
+
+    run(scenario)
+
+
+def test_a_sessions_change_during_the_walk_is_not_overwritten_by_the_older_read() -> None:
     async def scenario(env: Env) -> None:
         env.store.add_user("u1")
         env.store.connect("u1", "c1", None, env.now())
         async with env.running():
             assert env.store.presence("u1") == ON
-            # The next page scan reads u1 connected, and its answer comes 5 s later: in the
+            # The cursors read u1 connected, and their answer comes 5 s later: in the
             # meantime u1 disconnects, and the feed's newer read writes u1 offline.
-            env.late["reconcile_page"] = 5.0
+            env.late["next_batch"] = 5.0
             written: list[Transition] = []
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(env.daemon.reconciler.reconcile, "test")  # type: ignore[union-attr]
@@ -79,7 +186,7 @@ def test_a_sessions_change_after_the_page_scan_is_not_overwritten_by_the_older_r
                 assert env.store.presence("u1") == OFF
                 writes_before = len(env.store.writes)
                 written = list(env.transitions)
-            # The page read u1 connected, but began before the feed's read: never taken.
+            # The cursor read u1 connected, but began before the feed's read: never taken.
             assert env.store.presence("u1") == OFF
             assert len(env.store.writes) == writes_before
             assert env.transitions == written
@@ -87,23 +194,52 @@ def test_a_sessions_change_after_the_page_scan_is_not_overwritten_by_the_older_r
     run(scenario)
 
 
-def test_a_write_confirmed_during_the_page_read_is_not_planned_again() -> None:
+def test_a_late_batch_of_a_long_cursor_is_as_old_as_the_cursor() -> None:
+    async def scenario(env: Env) -> None:
+        now = env.now()
+        last = f"u{SCAN_BATCH:05d}"  # in the users cursor's second batch
+        for n in range(SCAN_BATCH + 1):
+            env.store.add_user(f"u{n:05d}")
+            env.store.connect(f"u{n:05d}", f"c{n}", None, now)
+        async with env.running():
+            assert env.store.presence(last) == ON
+            # Each batch answers 2 s after it is asked for; the cursor (as the emulator's)
+            # read every document when its first batch was asked for. u-last disconnects
+            # while the first batch is under way and the feed writes it offline: the
+            # second batch, asked for later, holds u-last connected still.
+            env.late["next_batch"] = 2.0
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(env.daemon.reconciler.reconcile, "test")  # type: ignore[union-attr]
+                await env.after(0.5)
+                env.store.disconnect(f"c{SCAN_BATCH}")
+                await env.after(1.0)
+                assert env.store.presence(last) == OFF
+                writes_before = len(env.store.writes)
+            assert env.store.presence(last) == OFF
+            assert len(env.store.writes) == writes_before
+            assert cursors(env, "users")[-1].batches == 3  # two, then the end
+
+    run(scenario)
+
+
+def test_a_write_confirmed_during_the_cursor_read_is_not_planned_again() -> None:
     async def scenario(env: Env) -> None:
         env.store.add_user("u1")
         env.store.connect("u1", "c1", None, env.now())
         async with env.running():
             assert env.store.presence("u1") == ON
-            # Every page scan answers 3 s after it read, every sessions read 4 s after.
-            env.late.update(reconcile_page=3.0, load_sessions=4.0)
+            # Every cursor batch answers 3 s after it read, every sessions load 1 s after.
+            env.late.update(next_batch=3.0, load_sessions=1.0)
             t0 = env.clock.monotonic()
-            env.store.disconnect("c1")  # the feed's read of u1 starts now, answers at 4 s
+            env.store.disconnect("c1")  # the feed's read of u1 starts now, answers at 1 s
             await env.after(0.1)
-            # The users page scan reads u1 stored online at 3 s (answering at 6 s); the
-            # feed's write of offline lands at 4 s, while that page is under way. The
-            # page's "online" is older than that write: the writer replaces it with the
-            # pair its write confirmed, and nothing is planned again.
+            # The users cursor (numbered after the feed's read) reads u1 stored online at
+            # 0.1 s, answering at 3.1 s; the feed's write of offline lands at 1 s, while
+            # that read is under way. The cursor's "online" is older than that write: the
+            # writer replaces it with the pair its write confirmed, and nothing is planned
+            # again.
             await env.daemon.reconciler.reconcile("test")  # type: ignore[union-attr]
-            assert env.clock.monotonic() - t0 > 6.0
+            assert env.clock.monotonic() - t0 > 3.0
             assert env.store.presence("u1") == OFF
             assert [w.status for w in env.store.writes if w.user_id == "u1"] == [
                 "online", "offline"
@@ -114,8 +250,8 @@ def test_a_write_confirmed_during_the_page_read_is_not_planned_again() -> None:
     run(scenario)
 
 
-def test_pages_and_batches_are_pipelined_and_a_failing_page_still_checks_everyone_once() -> None:
-    users = 3 * PAGE + 7
+def test_a_cursor_failing_midway_resumes_after_its_last_id_and_batches_are_pipelined() -> None:
+    users = 3 * SCAN_BATCH + 7
 
     async def scenario(env: Env) -> None:
         now = env.now()
@@ -128,126 +264,74 @@ def test_pages_and_batches_are_pipelined_and_a_failing_page_still_checks_everyon
             for doc in env.store.users.values():  # stored offline again: all to write
                 doc["status"] = doc["statusConnection"] = "offline"
             loaded: Counter[Any] = Counter()
-            writer = env.daemon.writer
-            assert writer is not None
-            original_load = writer.load_documents
+            count_loads(env, loaded)
+            env.store.cursors.clear()
+            # The sessions cursor's second batch fails, then the first batch of the two
+            # cursors opened after it.
+            served = Counter[str]()
 
-            async def counting(
-                seq: int, chunk: Sequence[Any], users: dict[Any, Any],
-                sessions: dict[Any, Any], reason: Reason,
-            ) -> list[Transition]:
-                loaded.update(chunk)
-                return await original_load(seq, chunk, users, sessions, reason)
-
-            writer.load_documents = counting  # type: ignore[method-assign]
-            second_page_after = f"u{PAGE - 1:05d}"
-            failures = [AutoReconnect("timed out")] * 3
-            original_page = env.store.reconcile_page
-
-            def flaky(
-                source: ReconcileSource, after: str | None, limit: int,
-                until: str | None = None,
-            ) -> list[Any]:
-                if source == "sessions" and after == second_page_after and failures:
-                    failures.pop()
+            def flaky(cursor: MemoryCursor) -> None:
+                served[cursor.source] += 1
+                if cursor.source == "sessions" and served["sessions"] in (2, 3, 4):
                     raise AutoReconnect("timed out")
-                return original_page(source, after, limit, until)
 
-            env.store.reconcile_page = flaky  # type: ignore[method-assign]
-            # Each batch's read by _id takes 1 s: one after another, the 31 batches would
-            # take 31 s; MAX_CONCURRENT_SYNC (10) workers take 4.
-            env.delays.update(load_users=1.0)
+            env.store.before_batch = flaky
+            # Each write batch takes 1 s: one after another, the 31 batches would take
+            # 31 s; MAX_CONCURRENT_SYNC (10) workers take 4.
+            env.delays.update(write_statuses=1.0)
             started = env.clock.monotonic()
             checked = await env.daemon.reconciler.reconcile("test")  # type: ignore[union-attr]
             elapsed = env.clock.monotonic() - started
             assert checked == users
             assert set(loaded) == set(env.store.users) and set(loaded.values()) == {1}
             assert all(env.store.presence(f"u{n:05d}") == ON for n in range(users))
-            # The failing scan's backoff (0.7 s) overlaps the batches of the first range.
-            assert elapsed <= 5.0, elapsed
+            # Never started over: resumed after the last id received, each time.
+            first_last = f"u{SCAN_BATCH - 1:05d}"
+            assert [c.after for c in cursors(env, "sessions")] == [None] + [first_last] * 3
+            assert [c.after for c in cursors(env, "users")] == [None]
+            assert all(c.closed for c in env.store.cursors)
+            # The failing cursor's backoff (0.7 s) overlaps the batches of the first users.
+            assert elapsed <= 6.0, elapsed
             assert env.metric("presenced_mongodb_errors_total", component="reconcile") == 3
-            assert not writer._open_reads  # every page's read was closed
-
-    run(scenario)
-
-
-def test_a_range_with_more_users_than_a_page_is_cut_and_every_user_checked_once() -> None:
-    count = 2 * PAGE + 3
-
-    async def scenario(env: Env) -> None:
-        now = env.now()
-        for n in range(count):  # stored online; one in three connected (and one away)
-            uid = f"u{n:05d}"
-            env.store.add_user(uid, status="online")
-            if n % 3 == 0:
-                env.store.connect(uid, f"c{n}", None, now, "away" if n == 3 else "online")
-        loaded: Counter[Any] = Counter()
-        record_all: list[list[Any]] = []
-        record(env, "load_sessions", record_all)
-        async with env.running():
             writer = env.daemon.writer
-            assert writer is not None
-            original_load = writer.load_documents
-
-            async def counting(
-                seq: int, chunk: Sequence[Any], users: dict[Any, Any],
-                sessions: dict[Any, Any], reason: Reason,
-            ) -> list[Transition]:
-                loaded.update(chunk)
-                return await original_load(seq, chunk, users, sessions, reason)
-
-            writer.load_documents = counting  # type: ignore[method-assign]
-
-            def converged() -> None:
-                for n in range(count):
-                    expected = ON if n % 3 == 0 and n != 3 else OFF
-                    if n == 3:
-                        expected = ("away", "away")
-                    assert env.store.presence(f"u{n:05d}") == expected, n
-
-            converged()
-            for doc in env.store.users.values():  # stored online again, connected or not
-                doc["status"] = doc["statusConnection"] = "online"
-            record_all.clear()
-            checked = await env.daemon.reconciler.reconcile("test")  # type: ignore[union-attr]
-            assert checked == len(loaded) == count and set(loaded.values()) == {1}
-            converged()
-            # The sessions scan is never a full page here: each range is cut by the users
-            # page; a connected user is never read by _id, a user without connections is.
-            read_by_id = [u for ids in record_all for u in ids]
-            assert all(int(u[1:]) % 3 for u in read_by_id)
-            users_pages = [after for source, after in env.store.pages if source == "users"]
-            assert len(users_pages) >= 2 * 3  # two passes (start-up, test), 3 ranges each
+            assert writer is not None and not writer._open_reads  # every read closed
 
     run(scenario)
 
 
-def test_a_failing_batch_is_retried_alone_while_the_others_go_on() -> None:
+def test_a_cursor_failing_on_its_first_batch_is_reopened_from_the_start_alone() -> None:
     async def scenario(env: Env) -> None:
         now = env.now()
-        for n in range(4 * BATCH):
+        for n in range(2 * BATCH):
             uid = f"u{n:05d}"
             env.store.add_user(uid)
             env.store.connect(uid, f"c{n}", None, now)
-        reads: list[list[Any]] = []
-        failures = [AutoReconnect("timed out")] * 4
-        original = env.store.load_users
-
-        def flaky(user_ids: Collection[Any]) -> dict[Any, Any]:
-            ids = list(user_ids)
-            reads.append(ids)
-            if ids[0] == f"u{2 * BATCH:05d}" and failures:
-                failures.pop()
-                raise AutoReconnect("timed out")
-            return dict(original(ids))
-
-        env.store.load_users = flaky  # type: ignore[method-assign]
+        env.store.fail("next_batch:users", *[AutoReconnect("timed out")] * 4)
         async with env.running():
-            assert all(env.store.presence(f"u{n:05d}") == ON for n in range(4 * BATCH))
-            firsts = Counter(ids[0] for ids in reads)
-            assert firsts == {"u00000": 1, f"u{BATCH:05d}": 1, f"u{2 * BATCH:05d}": 5,
-                              f"u{3 * BATCH:05d}": 1}
+            assert all(env.store.presence(f"u{n:05d}") == ON for n in range(2 * BATCH))
+            assert [c.after for c in cursors(env, "users")] == [None] * 5
+            assert [c.after for c in cursors(env, "sessions")] == [None]
             assert env.metric("presenced_mongodb_errors_total", component="reconcile") == 4
+
+    run(scenario)
+
+
+def test_a_failed_write_batch_goes_to_the_retry_set_alone() -> None:
+    async def scenario(env: Env) -> None:
+        now = env.now()
+        for n in range(3 * BATCH):
+            uid = f"u{n:05d}"
+            env.store.add_user(uid)
+            env.store.connect(uid, f"c{n}", None, now)
+        env.store.fail("write_statuses", AutoReconnect("timed out"))
+        async with env.running():
+            writer = env.daemon.writer
+            assert writer is not None
+            assert writer.retry_pending == BATCH
+            online = sum(env.store.presence(f"u{n:05d}") == ON for n in range(3 * BATCH))
+            assert online == 2 * BATCH
+            await writer.retry()
+            assert all(env.store.presence(f"u{n:05d}") == ON for n in range(3 * BATCH))
 
     run(scenario)
 
@@ -276,21 +360,49 @@ def test_malformed_documents_on_a_page_are_refused_and_counted_not_fatal() -> No
     run(scenario)
 
 
-def test_a_reconciliation_cancelled_midway_leaves_no_read_open() -> None:
+def test_ids_out_of_order_stop_the_walk_instead_of_pairing_users_wrongly() -> None:
     async def scenario(env: Env) -> None:
         now = env.now()
-        for n in range(2 * PAGE):
+        for uid in ("a", "b", "c"):
+            env.store.add_user(uid)
+            env.store.connect(uid, f"c-{uid}", None, now)
+        async with env.running():
+            original = env.store._reconcile_docs
+
+            def reversed_docs(source: ReconcileSource, ids: list[Any]) -> list[Any]:
+                return original(source, ids[::-1])  # as a collation might order them
+
+            env.store._reconcile_docs = reversed_docs  # type: ignore[method-assign]
+            with pytest.raises(BaseExceptionGroup) as raised:
+                await env.daemon.reconciler.reconcile("test")  # type: ignore[union-attr]
+            matched, rest = raised.value.split(UnorderedIds)
+            assert matched is not None and rest is None
+            assert not env.store.writes or all(w.status == "online" for w in env.store.writes)
+            env.store._reconcile_docs = original  # type: ignore[method-assign]
+            assert [env.store.presence(u) for u in ("a", "b", "c")] == [ON] * 3
+
+    run(scenario)
+
+
+def test_a_reconciliation_cancelled_midway_leaves_no_read_or_cursor_open() -> None:
+    async def scenario(env: Env) -> None:
+        now = env.now()
+        for n in range(2 * SCAN_BATCH):
             uid = f"u{n:05d}"
             env.store.add_user(uid)
             env.store.connect(uid, f"c{n}", None, now)
         async with env.running():
             writer = env.daemon.writer
             assert writer is not None
-            env.delays["load_users"] = 1.0
+            env.store.cursors.clear()
+            env.delays["next_batch"] = 1.0
             with trio.move_on_after(1.5):
                 await env.daemon.reconciler.reconcile("test")  # type: ignore[union-attr]
             assert not writer._open_reads
-            del env.delays["load_users"]
+            assert env.store.cursors and all(c.closed for c in env.store.cursors)
+            # The second batch of each was cancelled while under way (before it read).
+            assert [c.batches for c in env.store.cursors] == [1, 1]
+            del env.delays["next_batch"]
 
     run(scenario)
 
