@@ -122,11 +122,12 @@ class _Scan:
     """A source's cursor as the walk resumes it: the cursor open (None: to open, after
     ``after``), its read number."""
 
-    def __init__(self, source: ReconcileSource) -> None:
+    def __init__(self, source: ReconcileSource, *, simple_order: bool) -> None:
         self.source: ReconcileSource = source
         self.cursor: ReconcileCursor | None = None
         self.seq = -1
         self.after: str | None = None
+        self.simple_order = simple_order
 
 
 class _Merge:
@@ -176,9 +177,34 @@ class Reconciler:
         self._writer = writer
         self._clock = clock
         self._metrics = metrics
+        self._simple_order = False
+        """Cursors sort under the simple collation: ids came out of code point order."""
 
     async def reconcile(self, cause: str) -> int:
-        """One full pass; returns the number of users checked."""
+        """One full pass; returns the number of users checked.
+
+        Ids out of code point order (a default collation on a collection) end the pass
+        before anything is paired wrongly; it is walked again, once, with cursors sorted
+        under the simple collation. Should that fail too, the pass is given up with an
+        error (the feed goes on; the next reconciliation tries again), never a crash.
+        """
+        unordered: UnorderedIds | None = None
+        try:
+            return await self._pass(cause)
+        except* UnorderedIds as group:
+            unordered = _first(group)
+        if self._simple_order:
+            logger.error("reconciliation ({}) given up: {}", cause, unordered)
+            self._metrics.feed_errors.labels("reconcile_order").inc()
+            return 0
+        logger.warning(
+            "{}; walking again with the simple (binary) collation, which MongoDB sorts"
+            " in memory or on disk", unordered,
+        )
+        self._simple_order = True
+        return await self.reconcile(cause)
+
+    async def _pass(self, cause: str) -> int:
         self._metrics.reconciliations.labels(cause).inc()
         started = self._clock.monotonic()
         written_before = self._writer.counts["written"]
@@ -212,8 +238,11 @@ class Reconciler:
         strings, and hand every user that needs it to the workers, a batch at a time."""
         users_send, users_receive = trio.open_memory_channel[_Chunk](1)
         sessions_send, sessions_receive = trio.open_memory_channel[_Chunk](1)
-        nursery.start_soon(self._scan, _Scan("users"), users_send, reads)
-        nursery.start_soon(self._scan, _Scan("sessions"), sessions_send, reads)
+        simple = self._simple_order
+        nursery.start_soon(self._scan, _Scan("users", simple_order=simple), users_send, reads)
+        nursery.start_soon(
+            self._scan, _Scan("sessions", simple_order=simple), sessions_send, reads
+        )
         users, sessions = _Merge(users_receive), _Merge(sessions_receive)
         with users_receive, sessions_receive:
             while True:
@@ -263,9 +292,10 @@ class Reconciler:
     async def _next_batch(self, scan: _Scan, reads: set[int]) -> list[Doc]:
         if scan.cursor is None:
             scan.seq = self._open(reads)
-            scan.cursor = await self._db.read(
-                self._db.store.reconcile_cursor, scan.source, scan.after, SCAN_BATCH
-            )
+            scan.cursor = await self._db.read(partial(
+                self._db.store.reconcile_cursor, scan.source, scan.after, SCAN_BATCH,
+                simple_order=scan.simple_order,
+            ))
         try:
             return await self._db.read(scan.cursor.next_batch)
         except PyMongoError:
@@ -324,6 +354,14 @@ class Reconciler:
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         """One read of the walk, repeated alone until MongoDB answers."""
         return await self._db.read_until_answered("reconcile", fn, *args)
+
+
+def _first(group: BaseExceptionGroup[UnorderedIds]) -> UnorderedIds:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, UnorderedIds)
+    return leaf
 
 
 class _Progress:

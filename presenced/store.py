@@ -162,7 +162,8 @@ class PresenceStore(ActionStore, Protocol):
     def load_instances(self) -> list[Document]: ...
 
     def reconcile_cursor(
-        self, source: ReconcileSource, after: str | None, batch: int
+        self, source: ReconcileSource, after: str | None, batch: int, *,
+        simple_order: bool = False,
     ) -> ReconcileCursor: ...
 
     def reconcile_strays(self, source: ReconcileSource) -> list[Document]: ...
@@ -281,7 +282,8 @@ class Store:
         return self._users, dict.fromkeys(USER_FIELDS, 1)
 
     def reconcile_cursor(
-        self, source: ReconcileSource, after: str | None, batch: int
+        self, source: ReconcileSource, after: str | None, batch: int, *,
+        simple_order: bool = False,
     ) -> ReconcileCursor:
         """A cursor over every document of a source whose ``_id`` is a string, in ``_id``
         order, strictly after ``after`` (None: from the first): ``usersSessions`` (``_id``
@@ -302,13 +304,21 @@ class Store:
         filter from the start, ``{_id: {$gt: after}}`` when resumed), then one ``getMore``
         per ``batch`` documents; each batch under a :data:`SCAN_TIMEOUT_S` operation
         timeout instead of the client's socket timeout. No I/O until the first batch.
+
+        ``simple_order``: sort under the ``simple`` (binary) collation, for a collection
+        whose default collation orders strings otherwise (the reconciler asks for it when
+        it saw ids out of code point order). Its ``_id`` index then cannot serve the sort:
+        MongoDB sorts the collection in memory, or on disk (``allowDiskUse``).
         """
         if batch < 1:
             raise ValueError(f"batch must be at least 1, not {batch}")
         collection, projection = self._reconcile_source(source)
+        extra: dict[str, Any] = (
+            {"collation": {"locale": "simple"}, "allow_disk_use": True} if simple_order else {}
+        )
         cursor = collection.find(
             {} if after is None else {"_id": {"$gt": after}}, projection,
-            sort=[("_id", ASCENDING)], batch_size=batch,
+            sort=[("_id", ASCENDING)], batch_size=batch, **extra,
         )
         return _ScanCursor(cursor, batch)
 

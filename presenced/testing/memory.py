@@ -135,6 +135,9 @@ class MemoryStore:
         """Every reconcile cursor opened, in order."""
         self.before_batch: Callable[[MemoryCursor], None] | None = None
         """Called with the cursor before each reconcile batch is read (it may raise)."""
+        self.collation: Callable[[str], Any] | None = None
+        """A sort key standing for a collection default collation (e.g. ``str.casefold``):
+        reconcile cursors order string ids by it, unless opened with ``simple_order``."""
         self.writes: list[StatusWrite] = []
         self._failures: dict[str, list[BaseException]] = {}
 
@@ -349,12 +352,13 @@ class MemoryStore:
                                    if "connections" in doc else {})}
 
     def reconcile_cursor(
-        self, source: ReconcileSource, after: str | None, batch: int
+        self, source: ReconcileSource, after: str | None, batch: int, *,
+        simple_order: bool = False,
     ) -> MemoryCursor:
         self._call("reconcile_cursor")
         if batch < 1:
             raise ValueError(f"batch must be at least 1, not {batch}")
-        cursor = MemoryCursor(self, source, after, batch)
+        cursor = MemoryCursor(self, source, after, batch, simple_order=simple_order)
         self.cursors.append(cursor)
         return cursor
 
@@ -437,12 +441,14 @@ class MemoryCursor:
     asked for: a batch can be as old as the cursor's first one, never older."""
 
     def __init__(
-        self, store: MemoryStore, source: ReconcileSource, after: str | None, batch: int
+        self, store: MemoryStore, source: ReconcileSource, after: str | None, batch: int,
+        *, simple_order: bool = False,
     ) -> None:
         self.store = store
         self.source: ReconcileSource = source
         self.after = after
         self.batch = batch
+        self.simple_order = simple_order
         self.batches = 0
         """Batches asked for (failed ones included)."""
         self.closed = False
@@ -458,8 +464,9 @@ class MemoryCursor:
             return []  # as pymongo's cursor once exhausted (or closed)
         if self._docs is None:
             table = store.sessions if self.source == "sessions" else store.users
-            ids = sorted(uid for uid in table if isinstance(uid, str)
-                         and (self.after is None or uid > self.after))
+            collation = None if self.simple_order else store.collation
+            ids = sorted((uid for uid in table if isinstance(uid, str)
+                          and (self.after is None or uid > self.after)), key=collation)
             self._docs = deque(store._reconcile_docs(self.source, ids))
         out = [self._docs.popleft() for _ in range(min(self.batch, len(self._docs)))]
         if not self._docs:
