@@ -427,11 +427,13 @@ class Daemon:
     # -- the feed: read ahead, applied in natural batches ------------------------------------
     async def _read_feed(self, db: StoreCalls, feed: Feed, pending: Pending) -> None:
         """Poll the feed and gather its keys, with the position that covers them, for the
-        applier. While the applier works, the keys keep coming: a poll that caught up with
-        the server (fewer than ``read_on_keys`` keys) waits until the applier took what is
-        gathered, so a storm costs one getMore per load, each bringing everything that
-        came meanwhile; a bigger poll reads on. At ``pending_users`` users gathered the
-        reader stops polling until the applier takes them."""
+        applier. A poll that caught up with the server (fewer than ``read_on_keys`` keys)
+        waits until the applier has applied them: the next getMore, made as the applier
+        comes free, brings everything that came meanwhile (one getMore per load, and each
+        load takes what came during the last); an idle applier has taken them at once. A
+        bigger poll leaves more waiting on the server: the reader reads on while the
+        applier works. At ``pending_users`` users gathered it stops polling until the
+        applier takes them."""
         backoff = 0.1
         while True:
             while pending.full:
@@ -455,8 +457,7 @@ class Daemon:
                 self._log_lag(feed.lag_seconds(self.clock.now_ms() / 1000))
             pending.add(keys, feed.position())
             if keys and len(keys) < self.read_on_keys:
-                while pending.keys:
-                    await pending.wait_taken()
+                await pending.wait_applied()
 
     async def _apply_feed(self, pending: Pending) -> None:
         """Whenever free, take everything gathered in one ``_apply``."""
@@ -469,6 +470,7 @@ class Daemon:
             # Every write caused by the keys taken has landed (or its users wait in the
             # retry set), so the position that covers them is safe to checkpoint.
             self._safe_position = position
+            pending.applied()
 
     def _log_lag(self, lag: float) -> None:
         """Say once when the feed falls behind (entries pending older than the /ready
@@ -555,6 +557,8 @@ class Pending:
         self._fresh = False
         self._added = trio.Event()
         self._taken = trio.Event()
+        self._adds = self._took = self._done = 0
+        self._applied = trio.Event()
 
     @property
     def keys(self) -> int:
@@ -577,6 +581,7 @@ class Pending:
                 self._resync = key
         self._position = position
         self._fresh = True
+        self._adds += 1
         self._added.set()
 
     def take(self) -> tuple[list[Key], Any]:
@@ -585,6 +590,7 @@ class Pending:
             keys.insert(0, self._resync)
         self._users, self._instances, self._resync = {}, {}, None
         self._fresh = False
+        self._took = self._adds
         self._added = trio.Event()
         taken, self._taken = self._taken, trio.Event()
         taken.set()
@@ -595,6 +601,17 @@ class Pending:
         while not self._fresh:
             await self._added.wait()
 
+    def applied(self) -> None:
+        """The applier is done with what it took last."""
+        self._done = self._took
+        applied, self._applied = self._applied, trio.Event()
+        applied.set()
+
     async def wait_taken(self) -> None:
         """Until the next ``take``."""
         await self._taken.wait()
+
+    async def wait_applied(self) -> None:
+        """Until everything added so far has been taken and applied."""
+        while self._done < self._adds:
+            await self._applied.wait()
