@@ -201,8 +201,6 @@ class Daemon:
         self._safe_position: Any = None
         self.pending_users = PENDING_USERS
         self.read_on_keys = READ_ON_KEYS
-        self.feed_loads = 0
-        """Feed batches handed to ``_apply`` since start."""
         self._behind = False
         self._work_scope = trio.CancelScope()
         self.writer: Writer | None = None
@@ -464,7 +462,6 @@ class Daemon:
         while True:
             await pending.wait_fresh()
             keys, position = pending.take()
-            self.feed_loads += bool(keys)
             if keys:
                 await self._apply(keys)
             # Every write caused by the keys taken has landed (or its users wait in the
