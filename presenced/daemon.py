@@ -6,8 +6,11 @@ Owns the run loop that wires the parts, top-down in :meth:`Daemon.run`:
 2. start-up: check the servers are replica-set members, ensure the index, open the feed at
    the checkpoint (or now) and note its position, reconcile every user that may need it;
 3. then, concurrently until stopped:
-   - the feed, read one batch ahead: a reader polls the next batch while the applier hands
-     the last one to the writer (keys → bulk re-read → engine → conditional writes);
+   - the feed, read ahead and batched naturally: a reader polls and gathers the keys
+     (one per user) while the applier works; the applier, whenever it is free, takes
+     everything gathered in one load (keys → bulk re-read → engine → conditional writes).
+     An idle applier takes a single key at once; under load, loads grow with the load;
+     the gathered set is bounded (the reader stops polling at the bound);
    - the timers: users whose answer changes by itself (a connection going stale, an
      instance timing out) are re-derived at that millisecond, with no database event;
    - housekeeping every SYNC_INTERVAL (:mod:`presenced.housekeeping`);
@@ -60,15 +63,24 @@ from presenced.presence import Collections
 from presenced.reconcile import Reconciler
 from presenced.rocketchat import RocketChat
 from presenced.store import PresenceStore
-from presenced.writer import Coalescer, Writer
+from presenced.writer import BATCH, Coalescer, Writer
 
-__all__ = ["SHUTDOWN_GRACE_S", "Backend", "Daemon", "StartupProblem", "mongo_backend"]
+__all__ = [
+    "SHUTDOWN_GRACE_S", "Backend", "Daemon", "Pending", "StartupProblem", "mongo_backend"
+]
 
 #: Time allowed to save the checkpoint at shutdown.
 SHUTDOWN_GRACE_S: Final = 4.0
 #: The feed's longest wait on the server for an event (getMore maxAwaitTimeMS).
 FEED_AWAIT_MS: Final = 1000
 HISTORY_LOST: Final = "history_lost"
+#: Distinct users the feed reader gathers for a busy applier before it stops polling
+#: (backpressure: the feed waits on the server, memory stays bounded).
+PENDING_USERS: Final = 4 * BATCH
+#: A poll that brought fewer keys than this has caught up with the server: the reader
+#: polls again once the applier took them (one getMore per load under load, each bringing
+#: what came meanwhile). A bigger poll leaves more waiting: the reader reads on.
+READ_ON_KEYS: Final = 200
 BROKER_RESTART_S: Final = 5.0
 BROKER_CONNECT_WAIT_S: Final = 3.0
 BROKER_DISCOVER_S: Final = 0.5
@@ -187,6 +199,8 @@ class Daemon:
         self._broker_link = broker_link
         self._wake = trio.Event()
         self._safe_position: Any = None
+        self.pending_users = PENDING_USERS
+        self.read_on_keys = READ_ON_KEYS
         self._behind = False
         self._work_scope = trio.CancelScope()
         self.writer: Writer | None = None
@@ -366,14 +380,15 @@ class Daemon:
         )
         # Every start reconciles (timers live in memory), so a lost position needs no more.
         await self._open_feed(db, feed, checkpoint["position"] if checkpoint else None)
+        self._safe_position = feed.position()
         self.health.feed_answered()
         await self.housekeeping.refresh_instances()
         await self.reconciler.reconcile("startup")
         self.health.reconciled = True
-        send, receive = trio.open_memory_channel[tuple[list[Key], Any]](0)
+        pending = Pending(self.pending_users)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read_feed, db, feed, send)
-            nursery.start_soon(self._apply_feed, receive)
+            nursery.start_soon(self._read_feed, db, feed, pending)
+            nursery.start_soon(self._apply_feed, pending)
             nursery.start_soon(self._timers)
             nursery.start_soon(self.housekeeping.run)
 
@@ -405,45 +420,54 @@ class Daemon:
                 " full reconciliation"
             )
             await db.until_answered("feed", partial(feed.open, None))
-        self._safe_position = feed.position()
         return lost
 
-    # -- the feed, one batch ahead -------------------------------------------------------
-    async def _read_feed(
-        self, db: StoreCalls, feed: Feed, send: trio.MemorySendChannel[tuple[list[Key], Any]]
-    ) -> None:
-        """Poll the feed and hand each batch on with the position that covers it. While the
-        applier works on one batch, the next poll is already under way."""
+    # -- the feed: read ahead, applied in natural batches ------------------------------------
+    async def _read_feed(self, db: StoreCalls, feed: Feed, pending: Pending) -> None:
+        """Poll the feed and gather its keys, with the position that covers them, for the
+        applier. A poll that caught up with the server (fewer than ``read_on_keys`` keys)
+        waits until the applier has applied them: the next getMore, made as the applier
+        comes free, brings everything that came meanwhile (one getMore per load, and each
+        load takes what came during the last); an idle applier has taken them at once. A
+        bigger poll leaves more waiting on the server: the reader reads on while the
+        applier works. At ``pending_users`` users gathered it stops polling until the
+        applier takes them."""
         backoff = 0.1
-        async with send:
-            while True:
-                try:
-                    keys = await feed.poll()
-                except HistoryLost:
-                    await self._open_feed(db, feed, None)
-                    keys = [ResyncAll(HISTORY_LOST)]
-                except PyMongoError as exc:
-                    self.health.failed("feed", exc)
-                    await self.clock.sleep(backoff)
-                    backoff = min(backoff * 2, MAX_BACKOFF_S)
-                    if not await self._open_feed(db, feed, feed.position()):
-                        continue
-                    keys = [ResyncAll(HISTORY_LOST)]
-                else:
-                    backoff = 0.1
-                    self.health.succeeded()
-                    self.health.feed_answered()
-                    self._log_lag(feed.lag_seconds(self.clock.now_ms() / 1000))
-                await send.send((keys, feed.position()))
+        while True:
+            while pending.full:
+                await pending.wait_taken()
+            try:
+                keys = await feed.poll()
+            except HistoryLost:
+                await self._open_feed(db, feed, None)
+                keys = [ResyncAll(HISTORY_LOST)]
+            except PyMongoError as exc:
+                self.health.failed("feed", exc)
+                await self.clock.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                if not await self._open_feed(db, feed, feed.position()):
+                    continue  # the keys gathered so far stay; the feed resumes after them
+                keys = [ResyncAll(HISTORY_LOST)]
+            else:
+                backoff = 0.1
+                self.health.succeeded()
+                self.health.feed_answered()
+                self._log_lag(feed.lag_seconds(self.clock.now_ms() / 1000))
+            pending.add(keys, feed.position())
+            if keys and len(keys) < self.read_on_keys:
+                await pending.wait_applied()
 
-    async def _apply_feed(self, receive: trio.MemoryReceiveChannel[tuple[list[Key], Any]]) -> None:
-        async with receive:
-            async for keys, position in receive:
-                if keys:
-                    await self._apply(keys)
-                # Every write caused by the keys before this position has landed (or its
-                # users wait in the retry set), so the position is safe to checkpoint.
-                self._safe_position = position
+    async def _apply_feed(self, pending: Pending) -> None:
+        """Whenever free, take everything gathered in one ``_apply``."""
+        while True:
+            await pending.wait_fresh()
+            keys, position = pending.take()
+            if keys:
+                await self._apply(keys)
+            # Every write caused by the keys taken has landed (or its users wait in the
+            # retry set), so the position that covers them is safe to checkpoint.
+            self._safe_position = position
+            pending.applied()
 
     def _log_lag(self, lag: float) -> None:
         """Say once when the feed falls behind (entries pending older than the /ready
@@ -509,3 +533,82 @@ class Daemon:
                 continue
             await self.writer.evaluate(self.engine.due(self.clock.now_ms()), Reason.STALE)
 
+
+
+class Pending:
+    """Feed keys read and not yet applied, with the feed position that covers them all.
+
+    One key per user: a key that needs a re-read (sessions changed, a user changed in a
+    field presence reads) stays; an own-write echo (``UserChanged`` with ``written``) is
+    replaced by any later key of the user (the later one describes the document as it is
+    now). One key per instance, the first ``ResyncAll``. ``take()`` hands on all of it and
+    the position of the last ``add``: every key taken is covered by it, no key left out.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._users: dict[Any, Key] = {}
+        self._instances: dict[Any, Key] = {}
+        self._resync: ResyncAll | None = None
+        self._position: Any = None
+        self._fresh = False
+        self._added = trio.Event()
+        self._taken = trio.Event()
+        self._adds = self._took = self._done = 0
+        self._applied = trio.Event()
+
+    @property
+    def keys(self) -> int:
+        return len(self._users) + len(self._instances) + (self._resync is not None)
+
+    @property
+    def full(self) -> bool:
+        return len(self._users) >= self.limit
+
+    def add(self, keys: Sequence[Key], position: Any) -> None:
+        users = self._users
+        for key in keys:
+            if isinstance(key, SessionsChanged | UserChanged):
+                held = users.get(key.user_id)
+                if held is None or (isinstance(held, UserChanged) and held.written is not None):
+                    users[key.user_id] = key
+            elif isinstance(key, InstancesChanged):
+                self._instances.setdefault(key.instance_id, key)
+            elif self._resync is None:
+                self._resync = key
+        self._position = position
+        self._fresh = True
+        self._adds += 1
+        self._added.set()
+
+    def take(self) -> tuple[list[Key], Any]:
+        keys: list[Key] = [*self._instances.values(), *self._users.values()]
+        if self._resync is not None:
+            keys.insert(0, self._resync)
+        self._users, self._instances, self._resync = {}, {}, None
+        self._fresh = False
+        self._took = self._adds
+        self._added = trio.Event()
+        taken, self._taken = self._taken, trio.Event()
+        taken.set()
+        return keys, self._position
+
+    async def wait_fresh(self) -> None:
+        """Until something was added (keys, or a position) since the last ``take``."""
+        while not self._fresh:
+            await self._added.wait()
+
+    def applied(self) -> None:
+        """The applier is done with what it took last."""
+        self._done = self._took
+        applied, self._applied = self._applied, trio.Event()
+        applied.set()
+
+    async def wait_taken(self) -> None:
+        """Until the next ``take``."""
+        await self._taken.wait()
+
+    async def wait_applied(self) -> None:
+        """Until everything added so far has been taken and applied."""
+        while self._done < self._adds:
+            await self._applied.wait()

@@ -74,15 +74,27 @@ class Writer:
     # -- loads --------------------------------------------------------------------------
     async def load(self, user_ids: Iterable[Any], reason: Reason) -> list[Transition]:
         """Re-read ``user_ids``, derive, write what changed; return the transitions those
-        writes announced. A batch whose read fails is kept for ``retry()`` (the failure is
+        writes announced. Batches of ``BATCH`` users are loaded concurrently. A batch whose
+        read fails is kept for ``retry()`` (the failure is
         logged as an outage)."""
         announced: list[Transition] = []
-        for chunk in _chunks(list(dict.fromkeys(user_ids))):
+
+        async def load_chunk(chunk: list[Any]) -> None:
             try:
-                announced += await self._load_chunk(chunk, reason)
+                announced.extend(await self._load_chunk(chunk, reason))
             except PyMongoError as exc:
                 self._health.failed("load", exc)
                 self._retry.update(chunk)
+
+        chunks = list(_chunks(list(dict.fromkeys(user_ids))))
+        if len(chunks) == 1:
+            await load_chunk(chunks[0])
+        elif chunks:
+            # Side by side (each its own read, numbered): the store's limiters bound how
+            # many reads and writes are in flight.
+            async with trio.open_nursery() as nursery:
+                for chunk in chunks:
+                    nursery.start_soon(load_chunk, chunk)
         return announced
 
     async def load_strict(self, user_ids: Sequence[Any], reason: Reason) -> None:

@@ -92,6 +92,9 @@ def test_opcounters_are_kept_per_client_app_name(mongo_url: str) -> None:
         commands = _status(counted)["commandsByAppName"][app]
         assert commands["insert"] == 1 and commands["update"] == 2  # round trips
         assert commands["find"] == 2 and commands["getMore"] == 1
+        returned = _status(counted)["documentsReturnedByAppName"][app]
+        assert returned["find"] == 1 + 2 and returned["getMore"] == 2  # documents
+        assert _status(counted)["documentsReturnedByAppName"][app + "-other"]["find"] == 1
     finally:
         counted.t_by_app.c.drop()
         counted.close()

@@ -170,7 +170,10 @@ def run(
         storage.opcounters["command"] += 1
     _count_for_app(storage, conn, name, cmd)
     if txn is None:
-        return handler(ctx, conn, db, cmd)
+        reply = handler(ctx, conn, db, cmd)
+        if name in ("find", "getMore", "aggregate"):
+            _count_returned(storage, conn, name, reply)
+        return reply
     storage.active_txn = txn
     try:
         reply = handler(ctx, conn, db, cmd)
@@ -218,6 +221,18 @@ def _count_for_app(storage: Storage, conn: ConnectionInfo, name: str, cmd: Docum
         counts[name] += len(statements) if isinstance(statements, list) else 0
     else:
         counts["command"] += 1
+
+
+def _count_returned(storage: Storage, conn: ConnectionInfo, name: str, reply: Document) -> None:
+    """The documents a cursor command returned, per client ``appName`` and command
+    (emulator only, for benchmarks: what a process read, beside its round trips)."""
+    cursor = reply.get("cursor")
+    if not isinstance(cursor, dict):
+        return
+    batch = cursor.get("firstBatch", cursor.get("nextBatch"))
+    if isinstance(batch, list):
+        counts = storage.returned_by_app.setdefault(conn.app_name or "", {})
+        counts[name] = counts.get(name, 0) + len(batch)
 
 
 # -- replica set state -----------------------------------------------------------------
@@ -589,6 +604,10 @@ def _server_status(ctx: Context, conn: ConnectionInfo, db: str, cmd: Document) -
         "commandsByAppName": {
             app: {k: Int64(v) for k, v in counts.items()}
             for app, counts in ctx.storage.commands_by_app.items()
+        },
+        "documentsReturnedByAppName": {
+            app: {k: Int64(v) for k, v in counts.items()}
+            for app, counts in ctx.storage.returned_by_app.items()
         },
         # As MongoDB 7.0's WiredTiger reports it (Rocket.Chat shows storageEngine.name);
         # persistent only when a snapshot keeps the data across restarts.

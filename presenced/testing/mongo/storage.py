@@ -169,6 +169,9 @@ class Storage:
         self.opcounters_by_app: dict[str, dict[str, int]] = {}
         #: The commands (round trips) per client appName, by command name.
         self.commands_by_app: dict[str, dict[str, int]] = {}
+        #: Documents returned by cursor commands (find, getMore, aggregate), per client
+        #: appName and command (serverStatus.documentsReturnedByAppName, emulator only).
+        self.returned_by_app: dict[str, dict[str, int]] = {}
         #: The write statement running on each thread of this storage (its capture).
         self._captures = CaptureSlot()
         self._mm: Any = new_client(self._captures)

@@ -1,0 +1,171 @@
+"""The feed's natural batching, in the whole daemon under MockClock (see daemon_double).
+
+The reader gathers keys while the applier works; the applier, whenever free, takes all of
+them in one load. ``env.delays["load_users"]`` makes a load take that long (a slow
+MongoDB), so keys can arrive while it is in flight.
+"""
+
+from __future__ import annotations
+
+from presenced.daemon import Pending
+from presenced.feed.keys import InstancesChanged, ResyncAll, SessionsChanged, UserChanged
+from presenced.writer import BATCH
+
+from .daemon_double import Env, run
+
+ON = ("online", "online")
+
+
+def _users(env: Env, n: int) -> list[str]:
+    ids = [f"u{i}" for i in range(n)]
+    for uid in ids:
+        env.store.add_user(uid)
+    return ids
+
+
+async def _saved_position(env: Env) -> object:
+    assert env.daemon.housekeeping is not None
+    await env.daemon.housekeeping.checkpoint()
+    return env.store.checkpoints[env.daemon.feed_name]["position"]
+
+
+def test_a_single_event_with_an_idle_applier_is_loaded_at_once() -> None:
+    async def scenario(env: Env) -> None:
+        _users(env, 1)
+        async with env.running():
+            await env.after(5)  # idle: the reader waits in its poll, the applier for keys
+            t = env.now()
+            before = env.store.calls["load_users"]
+            env.store.connect("u0", "c1", None, t)
+            await env.settle()  # no time passes: no window, no timer
+            assert env.store.presence("u0") == ON
+            assert env.now() == t
+            assert env.store.calls["load_users"] - before == 1
+
+    run(scenario)
+
+
+def test_keys_arriving_while_a_load_is_in_flight_go_into_one_next_load() -> None:
+    async def scenario(env: Env) -> None:
+        ids = _users(env, 6)
+        async with env.running():
+            before = env.store.calls["load_users"]
+            env.delays["load_users"] = 1.0
+            env.store.connect("u0", "c0", None, env.now())
+            # While u0's load is in flight, the others connect at different moments.
+            for uid, gap in [("u1", 0.1), ("u2", 0.3), ("u3", 0.2), ("u4", 0.0), ("u5", 0.2)]:
+                await env.after(gap)
+                env.store.connect(uid, f"c{uid}", None, env.now())
+            await env.until(lambda: all(env.store.presence(u) == ON for u in ids))
+            await env.after(3)  # the echoes of our writes come back: no load for them
+            # u0's load, then one for the five that came while it was in flight.
+            assert env.store.calls["load_users"] - before == 2
+
+    run(scenario)
+
+
+def test_the_position_saved_covers_only_keys_applied() -> None:
+    async def scenario(env: Env) -> None:
+        _users(env, 2)
+        async with env.running():
+            env.daemon.read_on_keys = 1  # the reader reads on while the applier works
+            env.delays["load_users"] = 1.0
+            p0 = env.feed.position()
+            env.store.connect("u0", "c0", None, env.now())
+            await env.settle()  # u0's load is in flight
+            p1 = env.feed.position()
+            env.store.connect("u1", "c1", None, env.now())
+            await env.settle()  # the reader has read u1's key: it waits, gathered
+            p2 = env.feed.position()
+            assert p0 < p1 < p2
+            assert await _saved_position(env) == p0
+            await env.after(1.0)  # u0 applied; u1's load is in flight
+            assert env.store.presence("u0") == ON and env.store.presence("u1") != ON
+            assert await _saved_position(env) == p1
+            await env.until(lambda: env.store.presence("u1") == ON)
+            await env.after(3)
+            assert await _saved_position(env) == env.feed.position()
+
+    run(scenario)
+
+
+def test_the_reader_stops_polling_at_the_bound_until_the_applier_takes_the_keys() -> None:
+    async def scenario(env: Env) -> None:
+        ids = _users(env, 7)
+        env.daemon.pending_users = 3  # read when the feed starts
+        async with env.running():
+            env.daemon.read_on_keys = 1
+            env.delays["load_users"] = 5.0
+            env.store.connect("u0", "c0", None, env.now())
+            await env.settle()  # u0's load is in flight for 5 s
+            for uid in ids[1:4]:
+                env.store.connect(uid, f"c{uid}", None, env.now())
+                await env.after(0.1)  # one poll each: 3 users gathered, the bound
+            polls = env.feed.polls
+            position = env.feed.position()
+            for uid in ids[4:]:
+                env.store.connect(uid, f"c{uid}", None, env.now())
+            await env.after(3)
+            assert env.feed.polls == polls  # no poll (not even an empty one) at the bound
+            assert env.feed.position() == position
+            del env.delays["load_users"]
+            await env.until(lambda: all(env.store.presence(u) == ON for u in ids))
+
+    run(scenario)
+
+
+def test_a_load_of_several_batches_runs_them_side_by_side() -> None:
+    async def scenario(env: Env) -> None:
+        ids = _users(env, 2 * BATCH + 10)  # three chunks
+        async with env.running():
+            env.delays["load_users"] = 1.0
+            t0 = env.clock.monotonic()
+            for uid in ids:
+                env.store.connect(uid, f"c{uid}", None, env.now())
+            await env.until(lambda: all(env.store.presence(u) == ON for u in ids))
+            # One read's time, not three.
+            assert env.clock.monotonic() - t0 < 1.5
+
+    run(scenario)
+
+
+def test_pending_keeps_one_key_per_user_and_the_last_position() -> None:
+    pending = Pending(limit=10)
+    own = UserChanged("u1", written=("online", "online"))
+    pending.add([own, SessionsChanged("u2"), InstancesChanged("i1")], 1)
+    pending.add([SessionsChanged("u1"), UserChanged("u2", written=("away", "away"))], 2)
+    pending.add([ResyncAll("drop"), InstancesChanged("i1"), ResyncAll("rename")], 3)
+    keys, position = pending.take()
+    # An echo gives way to a later key; a key that needs a re-read stays; first resync.
+    assert keys == [ResyncAll("drop"), InstancesChanged("i1"), SessionsChanged("u1"),
+                    SessionsChanged("u2")]
+    assert position == 3
+    assert pending.keys == 0
+    pending.add([own], 4)
+    pending.add([UserChanged("u1", written=("away", "away"))], 5)
+    assert pending.take() == ([UserChanged("u1", written=("away", "away"))], 5)
+
+
+def test_history_lost_while_keys_are_gathered_loses_nothing() -> None:
+    async def scenario(env: Env) -> None:
+        ids = _users(env, 3)
+        async with env.running():
+            env.daemon.read_on_keys = 1
+            env.delays["load_users"] = 1.0
+            p0 = env.feed.position()
+            env.store.connect("u0", "c0", None, env.now())
+            await env.settle()  # u0's load is in flight
+            env.store.connect("u1", "c1", None, env.now())
+            await env.settle()  # u1's key gathered
+            env.store.connect("u2", "c2", None, env.now())
+            env.feed.lose_history()  # u2's key is lost with the history
+            await env.settle()  # the reader reopened the feed from now: a resync gathered
+            assert env.feed.opened[-1] is None
+            # The reopened feed's position covers keys not applied yet: not saved.
+            assert await _saved_position(env) == p0
+            await env.until(lambda: all(env.store.presence(u) == ON for u in ids))
+            assert env.metric("presenced_reconciliations_total", cause="history_lost") == 1
+            await env.after(3)
+            assert await _saved_position(env) == env.feed.position()
+
+    run(scenario)
