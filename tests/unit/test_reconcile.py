@@ -9,13 +9,12 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from typing import Any
 
-import pytest
 import trio
 from bson import ObjectId
 from pymongo.errors import AutoReconnect
 
 from presenced.engine import Reason, Transition
-from presenced.reconcile import SCAN_BATCH, UnorderedIds, needs_check
+from presenced.reconcile import SCAN_BATCH, needs_check
 from presenced.store import ReconcileSource
 from presenced.testing.memory import MemoryCursor
 from presenced.writer import BATCH
