@@ -20,20 +20,16 @@ ROOT = RUN_PY.parents[2]
 
 
 def cases() -> list[Any]:
-    out = []
-    for bench in run.BENCHMARKS:
-        if not bench.path.exists():
-            continue  # not written yet: no case
-        marks = [pytest.mark.slow]
-        if "--smoke" not in bench.path.read_text():
-            marks.append(pytest.mark.skip(reason=f"{bench.script} takes no --smoke yet"))
-        out.append(pytest.param(bench, id=bench.name, marks=marks))
-    return out
+    # Every benchmark of the scoreboard: one missing from the tree fails its case, never
+    # silently drops out of the smoke run.
+    return [pytest.param(bench, id=bench.name, marks=[pytest.mark.slow])
+            for bench in run.BENCHMARKS]
 
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("bench", cases())
 def test_benchmark_smoke_run(bench: Any, tmp_path: Path) -> None:
+    assert bench.path.exists(), f"{bench.script} is on the scoreboard but not in tests/bench"
     report = tmp_path / "results.json"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -47,8 +43,6 @@ def test_benchmark_smoke_run(bench: Any, tmp_path: Path) -> None:
     assert not result["timed_out"], output
     assert result["left"] == [], f"left running: {result['left']}\n{output}"
     assert run.group_members(result["pgid"]) == []
-    if "scoreboard" not in bench.path.read_text():
-        return  # its SCORE lines are its owner's to add: it runs and cleans up, for now
     assert result["scores"], f"no SCORE line\n{output}"
     assert result["missing_keys"] == [], output
     assert {s["verdict"] for s in result["scores"]} == {"SMOKE"}, output
