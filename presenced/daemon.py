@@ -483,6 +483,8 @@ class Daemon:
         assert self.writer is not None and self.housekeeping is not None
         assert self.reconciler is not None
         user_ids: list[Any] = []
+        sessions: set[Any] = set()
+        whole: set[Any] = set()
         instances = False
         resync: str | None = None
         for key in keys:
@@ -495,6 +497,7 @@ class Daemon:
                 continue
             if isinstance(key, SessionsChanged | UserChanged):
                 user_ids.append(key.user_id)
+                (sessions if isinstance(key, SessionsChanged) else whole).add(key.user_id)
                 self.metrics.feed_keys.labels(
                     "sessions" if isinstance(key, SessionsChanged) else "user"
                 ).inc()
@@ -512,7 +515,10 @@ class Daemon:
             return
         if instances:
             await self.housekeeping.refresh_instances()
-        await self.writer.load(user_ids, Reason.CONNECTIONS)
+        # A user whose only key is a sessions change: the engine's ``users`` fields are
+        # current (any other change to that document comes as a key of its own), so only
+        # its sessions are read, if the engine holds it.
+        await self.writer.load(user_ids, Reason.CONNECTIONS, sessions_only=sessions - whole)
 
     # -- timers -------------------------------------------------------------------------
     def _wake_timers(self) -> None:
@@ -538,16 +544,21 @@ class Daemon:
 class Pending:
     """Feed keys read and not yet applied, with the feed position that covers them all.
 
-    One key per user: a key that needs a re-read (sessions changed, a user changed in a
-    field presence reads) stays; an own-write echo (``UserChanged`` with ``written``) is
-    replaced by any later key of the user (the later one describes the document as it is
-    now). One key per instance, the first ``ResyncAll``. ``take()`` hands on all of it and
-    the position of the last ``add``: every key taken is covered by it, no key left out.
+    One key per user, or two: a ``users`` change (``UserChanged`` without ``written``,
+    a whole re-read) stays and covers any other key of its user; a sessions change stays
+    too, and covers a later sessions change; an own-write echo (``UserChanged`` with
+    ``written``) gives way to a later ``UserChanged`` (the later one describes the
+    document as it is now), and is kept beside a sessions change of its user (the latest
+    echo: if it is not our write, the ``users`` document must be read as well). One key
+    per instance, the first ``ResyncAll``. ``take()`` hands on all of it and the position
+    of the last ``add``: every key taken is covered by it, no key left out.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._users: dict[Any, Key] = {}
+        # The latest echo of a user whose key in ``_users`` is a sessions change.
+        self._echoes: dict[Any, UserChanged] = {}
         self._instances: dict[Any, Key] = {}
         self._resync: ResyncAll | None = None
         self._position: Any = None
@@ -566,12 +577,27 @@ class Pending:
         return len(self._users) >= self.limit
 
     def add(self, keys: Sequence[Key], position: Any) -> None:
-        users = self._users
+        users, echoes = self._users, self._echoes
         for key in keys:
             if isinstance(key, SessionsChanged | UserChanged):
-                held = users.get(key.user_id)
-                if held is None or (isinstance(held, UserChanged) and held.written is not None):
-                    users[key.user_id] = key
+                uid = key.user_id
+                held = users.get(uid)
+                if held is None:
+                    users[uid] = key
+                elif isinstance(held, UserChanged) and held.written is None:
+                    pass  # the whole re-read covers it
+                elif isinstance(key, UserChanged) and key.written is None:
+                    users[uid] = key
+                    echoes.pop(uid, None)
+                elif isinstance(held, SessionsChanged):
+                    if isinstance(key, UserChanged):
+                        echoes[uid] = key
+                elif isinstance(key, SessionsChanged):
+                    if isinstance(held, UserChanged):
+                        echoes[uid] = held  # an echo, kept beside the sessions change
+                    users[uid] = key
+                else:
+                    users[uid] = key  # a later echo
             elif isinstance(key, InstancesChanged):
                 self._instances.setdefault(key.instance_id, key)
             elif self._resync is None:
@@ -582,10 +608,16 @@ class Pending:
         self._added.set()
 
     def take(self) -> tuple[list[Key], Any]:
-        keys: list[Key] = [*self._instances.values(), *self._users.values()]
+        keys: list[Key] = [*self._instances.values()]
+        echoes = self._echoes
+        for uid, key in self._users.items():
+            echo = echoes.get(uid)
+            if echo is not None:
+                keys.append(echo)
+            keys.append(key)
         if self._resync is not None:
             keys.insert(0, self._resync)
-        self._users, self._instances, self._resync = {}, {}, None
+        self._users, self._echoes, self._instances, self._resync = {}, {}, {}, None
         self._fresh = False
         self._took = self._adds
         self._added = trio.Event()
