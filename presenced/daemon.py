@@ -9,7 +9,8 @@ Owns the run loop that wires the parts, top-down in :meth:`Daemon.run`:
    - the feed, read ahead and batched naturally: a reader polls and gathers the keys
      (one per user) while the applier works; the applier, whenever it is free, takes
      everything gathered in one load (keys → bulk re-read → engine → conditional writes).
-     An idle applier takes a single key at once; under load, loads grow with the load;
+     An idle applier takes a single key at once; under load, loads grow with the load
+     (after a big load the next poll comes no sooner than GATHER_S after the last one);
      the gathered set is bounded (the reader stops polling at the bound);
    - the timers: users whose answer changes by itself (a connection going stale, an
      instance timing out) are re-derived at that millisecond, with no database event;
@@ -81,6 +82,12 @@ PENDING_USERS: Final = 4 * BATCH
 #: polls again once the applier took them (one getMore per load under load, each bringing
 #: what came meanwhile). A bigger poll leaves more waiting: the reader reads on.
 READ_ON_KEYS: Final = 200
+#: Under load (the load just applied held GATHER_USERS users or more), the reader polls
+#: no sooner than GATHER_S after its previous poll began: what comes meanwhile waits on
+#: the server and goes in one load (fewer commands per event). A load that took that
+#: long already waits no more; after a smaller load the reader polls at once.
+GATHER_USERS: Final = 24
+GATHER_S: Final = 0.025
 BROKER_RESTART_S: Final = 5.0
 BROKER_CONNECT_WAIT_S: Final = 3.0
 BROKER_DISCOVER_S: Final = 0.5
@@ -201,6 +208,8 @@ class Daemon:
         self._safe_position: Any = None
         self.pending_users = PENDING_USERS
         self.read_on_keys = READ_ON_KEYS
+        self.gather_users = GATHER_USERS
+        self.gather_s = GATHER_S
         self._behind = False
         self._work_scope = trio.CancelScope()
         self.writer: Writer | None = None
@@ -431,11 +440,14 @@ class Daemon:
         load takes what came during the last); an idle applier has taken them at once. A
         bigger poll leaves more waiting on the server: the reader reads on while the
         applier works. At ``pending_users`` users gathered it stops polling until the
-        applier takes them."""
+        applier takes them. Under load (the load just applied held ``gather_users`` users
+        or more) the next poll is made no sooner than ``gather_s`` after the last one
+        began, so that it brings more; after a smaller load, at once."""
         backoff = 0.1
         while True:
             while pending.full:
                 await pending.wait_taken()
+            polled = self.clock.monotonic()
             try:
                 keys = await feed.poll()
             except HistoryLost:
@@ -456,6 +468,10 @@ class Daemon:
             pending.add(keys, feed.position())
             if keys and len(keys) < self.read_on_keys:
                 await pending.wait_applied()
+                if pending.last_users >= self.gather_users:
+                    wait = polled + self.gather_s - self.clock.monotonic()
+                    if wait > 0:
+                        await self.clock.sleep(wait)
 
     async def _apply_feed(self, pending: Pending) -> None:
         """Whenever free, take everything gathered in one ``_apply``."""
@@ -566,6 +582,8 @@ class Pending:
         self._added = trio.Event()
         self._taken = trio.Event()
         self._adds = self._took = self._done = 0
+        self.last_users = 0
+        """The users (keys of users) of the last ``take``."""
         self._applied = trio.Event()
 
     @property
@@ -617,6 +635,7 @@ class Pending:
             keys.append(key)
         if self._resync is not None:
             keys.insert(0, self._resync)
+        self.last_users = len(self._users)
         self._users, self._echoes, self._instances, self._resync = {}, {}, {}, None
         self._fresh = False
         self._took = self._adds

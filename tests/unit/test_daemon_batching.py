@@ -7,6 +7,8 @@ reads sessions; a slow MongoDB), so keys can arrive while it is in flight.
 
 from __future__ import annotations
 
+import pytest
+
 from presenced.daemon import Pending
 from presenced.feed.keys import InstancesChanged, ResyncAll, SessionsChanged, UserChanged
 from presenced.writer import BATCH
@@ -276,5 +278,33 @@ def test_a_user_that_leaves_the_engine_during_its_sessions_read_is_read_whole() 
             env.daemon.engine.forget("u0")  # evicted meanwhile
             await env.until(lambda: env.store.presence("u0") == OFF)
             assert env.store.calls["load_users"] == users + 1
+
+    run(scenario)
+
+
+def test_after_a_big_load_the_next_poll_waits_for_the_window_and_then_for_nothing() -> None:
+    async def scenario(env: Env) -> None:
+        ids = _users(env, 6)
+        async with env.running():
+            env.daemon.gather_users = 3
+            env.daemon.gather_s = 5.0
+            t0 = env.clock.monotonic()
+            for uid in ids[:4]:  # one poll, one load of four users: under load
+                env.store.connect(uid, f"c{uid}", None, env.now())
+            await env.settle()
+            assert all(env.store.presence(u) == ON for u in ids[:4])
+            await env.after(1)
+            env.store.connect("u4", "cu4", None, env.now())
+            await env.after(3.9)  # the reader polls again 5 s after its last poll began
+            assert env.store.presence("u4") != ON
+            await env.until(lambda: env.store.presence("u4") == ON)
+            assert env.clock.monotonic() - t0 == pytest.approx(5.0, abs=0.02)
+            # That load held u4 and the four echoes (a big load again): 5 s more, then the
+            # reader polls at once (a load of one echo).
+            await env.after(5.1)
+            t = env.now()
+            env.store.connect("u5", "cu5", None, t)
+            await env.settle()  # no time passes: no window
+            assert env.store.presence("u5") == ON and env.now() == t
 
     run(scenario)
