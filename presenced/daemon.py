@@ -9,7 +9,8 @@ Owns the run loop that wires the parts, top-down in :meth:`Daemon.run`:
    - the feed, read ahead and batched naturally: a reader polls and gathers the keys
      (one per user) while the applier works; the applier, whenever it is free, takes
      everything gathered in one load (keys → bulk re-read → engine → conditional writes).
-     An idle applier takes a single key at once; under load, loads grow with the load;
+     An idle applier takes a single key at once; under load, loads grow with the load
+     (after a big load the next poll comes no sooner than GATHER_S after the last one);
      the gathered set is bounded (the reader stops polling at the bound);
    - the timers: users whose answer changes by itself (a connection going stale, an
      instance timing out) are re-derived at that millisecond, with no database event;
@@ -81,6 +82,12 @@ PENDING_USERS: Final = 4 * BATCH
 #: polls again once the applier took them (one getMore per load under load, each bringing
 #: what came meanwhile). A bigger poll leaves more waiting: the reader reads on.
 READ_ON_KEYS: Final = 200
+#: Under load (the load just applied held GATHER_USERS users or more), the reader polls
+#: no sooner than GATHER_S after its previous poll began: what comes meanwhile waits on
+#: the server and goes in one load (fewer commands per event). A load that took that
+#: long already waits no more; after a smaller load the reader polls at once.
+GATHER_USERS: Final = 24
+GATHER_S: Final = 0.025
 BROKER_RESTART_S: Final = 5.0
 BROKER_CONNECT_WAIT_S: Final = 3.0
 BROKER_DISCOVER_S: Final = 0.5
@@ -201,6 +208,8 @@ class Daemon:
         self._safe_position: Any = None
         self.pending_users = PENDING_USERS
         self.read_on_keys = READ_ON_KEYS
+        self.gather_users = GATHER_USERS
+        self.gather_s = GATHER_S
         self._behind = False
         self._work_scope = trio.CancelScope()
         self.writer: Writer | None = None
@@ -431,11 +440,14 @@ class Daemon:
         load takes what came during the last); an idle applier has taken them at once. A
         bigger poll leaves more waiting on the server: the reader reads on while the
         applier works. At ``pending_users`` users gathered it stops polling until the
-        applier takes them."""
+        applier takes them. Under load (the load just applied held ``gather_users`` users
+        or more) the next poll is made no sooner than ``gather_s`` after the last one
+        began, so that it brings more; after a smaller load, at once."""
         backoff = 0.1
         while True:
             while pending.full:
                 await pending.wait_taken()
+            polled = self.clock.monotonic()
             try:
                 keys = await feed.poll()
             except HistoryLost:
@@ -456,6 +468,10 @@ class Daemon:
             pending.add(keys, feed.position())
             if keys and len(keys) < self.read_on_keys:
                 await pending.wait_applied()
+                if pending.last_users >= self.gather_users:
+                    wait = polled + self.gather_s - self.clock.monotonic()
+                    if wait > 0:
+                        await self.clock.sleep(wait)
 
     async def _apply_feed(self, pending: Pending) -> None:
         """Whenever free, take everything gathered in one ``_apply``."""
@@ -483,6 +499,8 @@ class Daemon:
         assert self.writer is not None and self.housekeeping is not None
         assert self.reconciler is not None
         user_ids: list[Any] = []
+        sessions: set[Any] = set()
+        whole: set[Any] = set()
         instances = False
         resync: str | None = None
         for key in keys:
@@ -495,6 +513,7 @@ class Daemon:
                 continue
             if isinstance(key, SessionsChanged | UserChanged):
                 user_ids.append(key.user_id)
+                (sessions if isinstance(key, SessionsChanged) else whole).add(key.user_id)
                 self.metrics.feed_keys.labels(
                     "sessions" if isinstance(key, SessionsChanged) else "user"
                 ).inc()
@@ -512,7 +531,10 @@ class Daemon:
             return
         if instances:
             await self.housekeeping.refresh_instances()
-        await self.writer.load(user_ids, Reason.CONNECTIONS)
+        # A user whose only key is a sessions change: the engine's ``users`` fields are
+        # current (any other change to that document comes as a key of its own), so only
+        # its sessions are read, if the engine holds it.
+        await self.writer.load(user_ids, Reason.CONNECTIONS, sessions_only=sessions - whole)
 
     # -- timers -------------------------------------------------------------------------
     def _wake_timers(self) -> None:
@@ -538,16 +560,21 @@ class Daemon:
 class Pending:
     """Feed keys read and not yet applied, with the feed position that covers them all.
 
-    One key per user: a key that needs a re-read (sessions changed, a user changed in a
-    field presence reads) stays; an own-write echo (``UserChanged`` with ``written``) is
-    replaced by any later key of the user (the later one describes the document as it is
-    now). One key per instance, the first ``ResyncAll``. ``take()`` hands on all of it and
-    the position of the last ``add``: every key taken is covered by it, no key left out.
+    One key per user, or two: a ``users`` change (``UserChanged`` without ``written``,
+    a whole re-read) stays and covers any other key of its user; a sessions change stays
+    too, and covers a later sessions change; an own-write echo (``UserChanged`` with
+    ``written``) gives way to a later ``UserChanged`` (the later one describes the
+    document as it is now), and is kept beside a sessions change of its user (the latest
+    echo: if it is not our write, the ``users`` document must be read as well). One key
+    per instance, the first ``ResyncAll``. ``take()`` hands on all of it and the position
+    of the last ``add``: every key taken is covered by it, no key left out.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._users: dict[Any, Key] = {}
+        # The latest echo of a user whose key in ``_users`` is a sessions change.
+        self._echoes: dict[Any, UserChanged] = {}
         self._instances: dict[Any, Key] = {}
         self._resync: ResyncAll | None = None
         self._position: Any = None
@@ -555,6 +582,8 @@ class Pending:
         self._added = trio.Event()
         self._taken = trio.Event()
         self._adds = self._took = self._done = 0
+        self.last_users = 0
+        """The users (keys of users) of the last ``take``."""
         self._applied = trio.Event()
 
     @property
@@ -566,12 +595,27 @@ class Pending:
         return len(self._users) >= self.limit
 
     def add(self, keys: Sequence[Key], position: Any) -> None:
-        users = self._users
+        users, echoes = self._users, self._echoes
         for key in keys:
             if isinstance(key, SessionsChanged | UserChanged):
-                held = users.get(key.user_id)
-                if held is None or (isinstance(held, UserChanged) and held.written is not None):
-                    users[key.user_id] = key
+                uid = key.user_id
+                held = users.get(uid)
+                if held is None:
+                    users[uid] = key
+                elif isinstance(held, UserChanged) and held.written is None:
+                    pass  # the whole re-read covers it
+                elif isinstance(key, UserChanged) and key.written is None:
+                    users[uid] = key
+                    echoes.pop(uid, None)
+                elif isinstance(held, SessionsChanged):
+                    if isinstance(key, UserChanged):
+                        echoes[uid] = key
+                elif isinstance(key, SessionsChanged):
+                    if isinstance(held, UserChanged):
+                        echoes[uid] = held  # an echo, kept beside the sessions change
+                    users[uid] = key
+                else:
+                    users[uid] = key  # a later echo
             elif isinstance(key, InstancesChanged):
                 self._instances.setdefault(key.instance_id, key)
             elif self._resync is None:
@@ -582,10 +626,17 @@ class Pending:
         self._added.set()
 
     def take(self) -> tuple[list[Key], Any]:
-        keys: list[Key] = [*self._instances.values(), *self._users.values()]
+        keys: list[Key] = [*self._instances.values()]
+        echoes = self._echoes
+        for uid, key in self._users.items():
+            echo = echoes.get(uid)
+            if echo is not None:
+                keys.append(echo)
+            keys.append(key)
         if self._resync is not None:
             keys.insert(0, self._resync)
-        self._users, self._instances, self._resync = {}, {}, None
+        self.last_users = len(self._users)
+        self._users, self._echoes, self._instances, self._resync = {}, {}, {}, None
         self._fresh = False
         self._took = self._adds
         self._added = trio.Event()

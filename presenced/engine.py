@@ -455,17 +455,7 @@ class Engine:
         state, user_reasons = parse_user(user_doc)
         if user_reasons:
             self._refuse("users", user_id, user_reasons, _bad_user_content(user_doc, user_reasons))
-        raw_connections: object = None
-        if type(sessions_doc) is dict or isinstance(sessions_doc, Mapping):
-            raw_connections = sessions_doc.get("connections")
-        elif sessions_doc is not None:
-            self._refuse("sessions", user_id, ["sessions_not_a_document"], repr(sessions_doc)[:500])
-        parsed, connection_reasons = parse_connections(raw_connections)
-        if connection_reasons:
-            self._refuse(
-                "sessions", user_id, connection_reasons, _bad_connections_content(raw_connections)
-            )
-        connections = tuple(parsed)
+        connections = self._connections_of(user_id, sessions_doc)
         derived = derive_next(state, connections, now_ms, self._ttl_ms, self._liveness)
         username = user_doc.get("username")
         stored_status = _canonical(user_doc.get("status", ABSENT))
@@ -497,22 +487,82 @@ class Engine:
             )
             cached.username = username if isinstance(username, str) else None
             cached.state = state
-            self._connections += len(connections) - len(cached.connections)
-            cached.connections = connections
             cached.stored_status = stored_status
             cached.stored_status_connection = stored_status_connection
-            if instance_ids != cached.instance_ids:
-                self._reindex(user_id, cached.instance_ids, instance_ids)
-                cached.instance_ids = instance_ids
-            cached.answer = derived.presence
             cached.status_text = user_doc.get("statusText", ABSENT)
             roles = user_doc.get("roles", ABSENT)
             if not _same_value(roles, cached.roles):  # the same roles: keep the list held
                 cached.roles = _canonical_roles(roles)
+            self._take_connections(user_id, cached, connections, instance_ids)
+            cached.answer = derived.presence
             cached.read_seq = read_seq if read_seq is not None else -1
         if self._connections > self._peak_connections:
             self._peak_connections = self._connections
         return self._settle(user_id, cached, derived, now_ms, reason)
+
+    def load_sessions(
+        self,
+        user_id: Any,
+        sessions_doc: Mapping[str, Any] | None,
+        now_ms: int,
+        reason: Reason,
+        read_seq: int | None = None,
+    ) -> PlannedWrite | None:
+        """As ``load`` for a cached user whose ``users`` document was not read again: its
+        freshly read ``usersSessions`` document with the ``users`` fields held (the last
+        read, and the pair the last confirmed write stored).
+
+        For a key that says only the sessions changed: a change to the ``users`` document
+        comes as a key of its own, and the caller reads it with ``load``. A write planned
+        here expects the pair held, so a pair changed by someone else meets a conflict and
+        the user is re-read. ``read_seq`` orders it with the other reads as in ``load``
+        (documents older than those taken are ignored). Raises ``KeyError`` if the user is
+        not cached (the caller must read it with ``load``).
+        """
+        cached = self._use(user_id)
+        if cached is None:
+            raise KeyError(user_id)
+        if read_seq is not None and cached.read_seq > read_seq:
+            return None
+        connections = self._connections_of(user_id, sessions_doc)
+        derived = derive_next(cached.state, connections, now_ms, self._ttl_ms, self._liveness)
+        self._take_connections(user_id, cached, connections, _instance_ids(connections))
+        cached.answer = derived.presence
+        cached.read_seq = read_seq if read_seq is not None else -1
+        if self._connections > self._peak_connections:
+            self._peak_connections = self._connections
+        return self._settle(user_id, cached, derived, now_ms, reason)
+
+    def _connections_of(
+        self, user_id: Any, sessions_doc: Mapping[str, Any] | None
+    ) -> tuple[Connection, ...]:
+        """The connections of a ``usersSessions`` document read (none for None); what
+        cannot be used is refused."""
+        raw_connections: object = None
+        if type(sessions_doc) is dict or isinstance(sessions_doc, Mapping):
+            raw_connections = sessions_doc.get("connections")
+        elif sessions_doc is not None:
+            self._refuse("sessions", user_id, ["sessions_not_a_document"], repr(sessions_doc)[:500])
+        parsed, connection_reasons = parse_connections(raw_connections)
+        if connection_reasons:
+            self._refuse(
+                "sessions", user_id, connection_reasons, _bad_connections_content(raw_connections)
+            )
+        return tuple(parsed)
+
+    def _take_connections(
+        self,
+        user_id: Any,
+        cached: _CachedUser,
+        connections: tuple[Connection, ...],
+        instance_ids: _InstanceIds,
+    ) -> None:
+        """Hold ``connections`` for a cached user: the count and the instance index."""
+        self._connections += len(connections) - len(cached.connections)
+        cached.connections = connections
+        if instance_ids != cached.instance_ids:
+            self._reindex(user_id, cached.instance_ids, instance_ids)
+            cached.instance_ids = instance_ids
 
     def evaluate(self, user_id: Any, now_ms: int, reason: Reason) -> PlannedWrite | None:
         """Re-derive a cached user at ``now_ms`` from what was last read (no new read).

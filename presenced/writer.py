@@ -14,7 +14,7 @@ Must never: decide a status (the engine does), or call the store but through
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Final
 
 import trio
@@ -72,16 +72,27 @@ class Writer:
         self.counts = {"written": 0, "conflicts": 0, "transitions": 0}
 
     # -- loads --------------------------------------------------------------------------
-    async def load(self, user_ids: Iterable[Any], reason: Reason) -> list[Transition]:
+    async def load(
+        self,
+        user_ids: Iterable[Any],
+        reason: Reason,
+        *,
+        sessions_only: Collection[Any] = (),
+    ) -> list[Transition]:
         """Re-read ``user_ids``, derive, write what changed; return the transitions those
         writes announced. Batches of ``BATCH`` users are loaded concurrently. A batch whose
         read fails is kept for ``retry()`` (the failure is
-        logged as an outage)."""
+        logged as an outage).
+
+        ``sessions_only``: users of ``user_ids`` for which only the ``usersSessions``
+        document is known to have changed. For those the engine holds, the ``users``
+        document is not read again (the engine's fields are used with the new sessions:
+        ``Engine.load_sessions``); the others are read whole."""
         announced: list[Transition] = []
 
         async def load_chunk(chunk: list[Any]) -> None:
             try:
-                announced.extend(await self._load_chunk(chunk, reason))
+                announced.extend(await self._load_chunk(chunk, reason, sessions_only))
             except PyMongoError as exc:
                 self._health.failed("load", exc)
                 self._retry.update(chunk)
@@ -102,9 +113,12 @@ class Writer:
         for chunk in _chunks(list(dict.fromkeys(user_ids))):
             await self._load_chunk(chunk, reason)
 
-    async def _load_chunk(self, chunk: list[Any], reason: Reason) -> list[Transition]:
+    async def _load_chunk(
+        self, chunk: list[Any], reason: Reason, sessions_only: Collection[Any] = ()
+    ) -> list[Transition]:
         seq = next(self._read_seq)
-        users, sessions, confirmed = await self._read(chunk, seq)
+        lean = {uid for uid in chunk if uid in sessions_only and uid in self._engine}
+        users, sessions, confirmed = await self._read(chunk, seq, lean)
         for uid, (status, status_connection) in confirmed.items():
             # A write of ours was confirmed while the read was under way: the pair read may
             # predate it, and a stale pair would plan the same change again (and announce
@@ -115,19 +129,29 @@ class Writer:
                 users[uid] = {**doc, "status": status, "statusConnection": status_connection}
         self._health.succeeded()
         now = self._clock.now_ms()
-        writes = [
-            w for uid in chunk
-            if (w := self._engine.load(
-                uid, users.get(uid), sessions.get(uid), now, reason, read_seq=seq
-            ))
-        ]
+        writes: list[PlannedWrite] = []
+        # Users read for their sessions only that left the engine during the read (evicted,
+        # or dropped after a conflict or a failed write): read whole below.
+        unheld: list[Any] = []
+        for uid in chunk:
+            if uid not in lean:
+                w = self._engine.load(
+                    uid, users.get(uid), sessions.get(uid), now, reason, read_seq=seq
+                )
+            elif uid in self._engine:
+                w = self._engine.load_sessions(uid, sessions.get(uid), now, reason, read_seq=seq)
+            else:
+                unheld.append(uid)
+                continue
+            if w is not None:
+                writes.append(w)
         # A user the engine planned nothing for because a write of that answer is already
         # under way (planned by another load): this load's caller waits for that write,
         # and gets its transition, as if it had planned it.
         planned = {w.user_id for w in writes}
         joined = [
             self._under_way[uid] for uid in chunk
-            if uid not in planned and uid in self._under_way
+            if uid not in planned and uid not in unheld and uid in self._under_way
         ]
         self._report_refused()
         self._on_timers_changed()
@@ -135,13 +159,17 @@ class Writer:
         for under_way in joined:
             await under_way.done.wait()
             announced += under_way.transitions
+        if unheld:
+            announced += await self._load_chunk(unheld, reason)
         return announced
 
     async def _read(
-        self, ids: list[Any], seq: int
+        self, ids: list[Any], seq: int, sessions_only: Collection[Any] = ()
     ) -> tuple[dict[Any, Any], dict[Any, Any], dict[Any, tuple[str, str]]]:
         """The users' and sessions' documents (read at once, side by side), and the pairs
-        our writes confirmed for them while the reads were under way."""
+        our writes confirmed for them while the reads were under way. The ``users``
+        documents of ``sessions_only`` are not read (no ``users`` read at all when that is
+        every id)."""
         store = self._db.store
         confirmed: dict[Any, tuple[str, str]] = {}
         self._open_reads[seq] = confirmed
@@ -150,9 +178,16 @@ class Writer:
         async def read(name: str, fn: Callable[[list[Any]], dict[Any, Any]]) -> None:
             found[name] = await self._db.read(fn, ids)
 
+        user_ids = [uid for uid in ids if uid not in sessions_only]
+        found["users"] = {}
+
+        async def read_users(fn: Callable[[list[Any]], dict[Any, Any]]) -> None:
+            found["users"] = await self._db.read(fn, user_ids)
+
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(read, "users", store.load_users)
+                if user_ids:
+                    nursery.start_soon(read_users, store.load_users)
                 nursery.start_soon(read, "sessions", store.load_sessions)
         except BaseExceptionGroup as group:
             # One MongoDB failure (or two) is the caller's to handle, as from one read.

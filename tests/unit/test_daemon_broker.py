@@ -375,17 +375,17 @@ def test_a_heartbeat_derives_at_once_only_when_it_can_change_the_answer() -> Non
             await join(env)
             await call(env, "newConnection", ["u1", "c1", CALLER])
             await env.after(1)
-            before = env.store.calls["load_users"]
+            before = env.store.calls["load_sessions"]
             res = await call(env, "updateConnection", ["u1", "c1"])
             assert res["data"] == {"uid": "u1", "connectionId": "c1"}
             await env.after(1)
-            assert env.store.calls["load_users"] - before == 1  # the feed's key only
+            assert env.store.calls["load_sessions"] - before == 1  # the feed's key only
             # A user the engine does not hold (evicted, say): derived at once.
             env.daemon.engine.forget("u1")
-            before = env.store.calls["load_users"]
+            before = env.store.calls["load_sessions"]
             await call(env, "updateConnection", ["u1", "c1"])
             await env.after(1)
-            assert env.store.calls["load_users"] - before == 2  # the action's and the feed's
+            assert env.store.calls["load_sessions"] - before == 2  # the action's and the feed's
             assert "u1" in env.daemon.engine
 
     run(scenario, **BROKER)

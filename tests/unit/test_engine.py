@@ -743,6 +743,66 @@ def test_a_read_older_than_the_one_held_is_ignored() -> None:
     assert e.presence("u1") == Presence(ONLINE, ONLINE)
 
 
+def test_load_sessions_derives_with_the_users_fields_held() -> None:
+    e = engine()
+    doc = user_doc(status="online", status_connection="online", statusDefault="busy",
+                   statusText="in a meeting", roles=["admin"])
+    write = e.load("u1", doc, sessions("u1", conn()), NOW, CONNECTIONS, read_seq=1)
+    assert write is not None and write.presence == Presence(BUSY, ONLINE)
+    assert e.confirm(write, NOW) is not None
+    e.write_done(write)
+    # Disconnected: offline, against the pair the confirmed write stored, with the
+    # fields held for the announcement.
+    write = e.load_sessions("u1", sessions("u1"), NOW + SECOND, CONNECTIONS, read_seq=2)
+    assert write == PlannedWrite(
+        "u1", OFFLINE_PRESENCE, "busy", "online", CONNECTIONS, "name-u1",
+        status_text="in a meeting", roles=["admin"],
+    )
+    assert e.stats().connections == 0
+    assert e.confirm(write, NOW + SECOND) is not None
+    e.write_done(write)
+    # Back on an instance: busy again (statusDefault held), the instance indexed.
+    write = e.load_sessions(
+        "u1", sessions("u1", conn("c2", instance="i1")), NOW + 2 * SECOND, CONNECTIONS,
+        read_seq=3,
+    )
+    assert write is not None and write.presence == Presence(BUSY, ONLINE)
+    assert (write.expected_status, write.expected_status_connection) == ("offline", "offline")
+    assert e.stats().connections == 1
+    # An instances view without i1 makes i1 dead: u1, indexed on it, is affected.
+    assert set_instances(e, [instance("i2")], NOW + 2 * SECOND) == ["u1"]
+
+
+def test_load_sessions_needs_a_cached_user_and_orders_reads_by_read_seq() -> None:
+    e = engine()
+    with pytest.raises(KeyError):
+        e.load_sessions("u1", sessions("u1", conn()), NOW, CONNECTIONS, read_seq=1)
+    assert "u1" not in e
+    online = user_doc(status="online", status_connection="online")
+    assert e.load("u1", online, sessions("u1", conn()), NOW, CONNECTIONS, read_seq=5) is None
+    # A sessions read older than the documents held is ignored.
+    assert e.load_sessions("u1", sessions("u1"), NOW, CONNECTIONS, read_seq=4) is None
+    assert e.presence("u1") == Presence(ONLINE, ONLINE)
+    # A newer one is taken, and a whole read older than it is ignored after it.
+    write = e.load_sessions("u1", sessions("u1"), NOW, CONNECTIONS, read_seq=7)
+    assert write is not None and write.presence == OFFLINE_PRESENCE
+    e.write_done(write)
+    assert e.load("u1", online, sessions("u1", conn()), NOW, CONNECTIONS, read_seq=6) is None
+    assert e.presence("u1") == OFFLINE_PRESENCE
+    # A forgotten user (after a conflict) is not held: it must be read whole.
+    e.conflict("u1")
+    with pytest.raises(KeyError):
+        e.load_sessions("u1", sessions("u1"), NOW, CONNECTIONS, read_seq=8)
+
+
+def test_load_sessions_refuses_a_bad_sessions_document() -> None:
+    e = engine()
+    e.load("u1", user_doc(), None, NOW, CONNECTIONS)
+    assert e.load_sessions("u1", "garbage", NOW, CONNECTIONS) is None  # type: ignore[arg-type]
+    assert [r.reasons for r in e.take_refused()] == [("sessions_not_a_document",)]
+    assert e.presence("u1") == OFFLINE_PRESENCE
+
+
 def test_counts_connection_says_whether_a_heartbeat_could_change_the_answer() -> None:
     e = engine()
     e.load("u1", user_doc(), sessions("u1", conn("c1"), conn("c2", updated_ms=NOW - TTL)),
