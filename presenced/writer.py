@@ -145,20 +145,9 @@ class Writer:
                 continue
             if w is not None:
                 writes.append(w)
-        # A user the engine planned nothing for because a write of that answer is already
-        # under way (planned by another load): this load's caller waits for that write,
-        # and gets its transition, as if it had planned it.
-        planned = {w.user_id for w in writes}
-        joined = [
-            self._under_way[uid] for uid in chunk
-            if uid not in planned and uid not in unheld and uid in self._under_way
-        ]
-        self._report_refused()
-        self._on_timers_changed()
-        announced = await self.write(writes)
-        for under_way in joined:
-            await under_way.done.wait()
-            announced += under_way.transitions
+        announced = await self._write_loaded(
+            [uid for uid in chunk if uid not in unheld], writes
+        )
         if unheld:
             announced += await self._load_chunk(unheld, reason)
         return announced
@@ -242,9 +231,19 @@ class Writer:
                 uid, users.get(uid), sessions.get(uid), now, reason, read_seq=seq
             ))
         ]
+        return await self._write_loaded(chunk, writes)
+
+    async def _write_loaded(
+        self, loaded: Sequence[Any], writes: list[PlannedWrite]
+    ) -> list[Transition]:
+        """Write what the engine planned for the users just ``loaded``; the transitions.
+
+        A user the engine planned nothing for because a write of that answer is already
+        under way (planned by another load): this load's caller waits for that write, and
+        gets its transition, as if it had planned it."""
         planned = {w.user_id for w in writes}
         joined = [
-            self._under_way[uid] for uid in chunk
+            self._under_way[uid] for uid in loaded
             if uid not in planned and uid in self._under_way
         ]
         self._report_refused()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import statistics
 import subprocess
 import sys
@@ -46,15 +45,12 @@ from pymongo import ASCENDING, InsertOne, MongoClient
 from pymongo.collection import Collection
 from pymongo.database import Database
 
+from presenced.testing import processes
 from presenced.testing.processes import (
-    READY_TIMEOUT,
     Failed,
     budget,
     emulator,
-    free_port,
-    ready,
     stop,
-    with_database,
 )
 from presenced.testing.scoreboard import Score, emit
 from presenced.testing.scoreboard import verdict as scoreboard_verdict
@@ -224,29 +220,12 @@ def event_latency(db: Database[Doc], samples: int) -> Line:
 
 @contextmanager
 def daemon(url: str, database: str, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``presenced run`` (change-stream feed) on ``database``; waits for /ready."""
-    port = free_port()
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(workdir),
-           "MONGO_URL": with_database(url, database), "HEALTH_CHECK_PORT": str(port),
-           "PORT": str(free_port()), "LOG_LEVEL": "warning", "CACHE_TTL": "3600",
-           "INSTANCE_TIMEOUT": "3600"}
-    if "PYTHONPATH" in os.environ:
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    log = workdir / "presenced.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "presenced", "run"], env=env,
-                                cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not ready(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                text = log.read_text("utf-8", "replace").splitlines()[-20:]
-                raise Failed("presenced did not become ready:\n" + "\n".join(text))
-            time.sleep(0.05)
+    """``presenced run`` (change-stream feed) on ``database``, nothing expiring; waits for
+    /ready."""
+    with processes.daemon(
+        url, database, workdir, env={"CACHE_TTL": "3600", "INSTANCE_TIMEOUT": "3600"}
+    ) as (proc, _port):
         yield proc
-    finally:
-        stop(proc)
 
 
 def drive_events(url: str, database: str, users: list[str], seconds: float,
