@@ -43,7 +43,8 @@ def send(sock: socket.socket, body: dict[str, Any], *, flags: int = 0) -> int:
     return request_id
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes from ``sock`` (ConnectionError if it closes first)."""
     buf = b""
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
@@ -55,8 +56,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 def receive(sock: socket.socket) -> Reply:
     """The next message, which must be an OP_MSG with one kind-0 section."""
-    length, request_id, response_to, op_code = HEADER.unpack(_recv_exact(sock, HEADER.size))
-    body = _recv_exact(sock, length - HEADER.size)
+    length, request_id, response_to, op_code = HEADER.unpack(recv_exact(sock, HEADER.size))
+    body = recv_exact(sock, length - HEADER.size)
     assert op_code == OP_MSG, f"expected an OP_MSG, got opcode {op_code}"
     (flags,) = struct.unpack_from("<I", body, 0)
     assert body[4] == 0, "expected a kind-0 section first"

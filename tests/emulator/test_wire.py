@@ -33,6 +33,8 @@ from bson.codec_options import CodecOptions
 from pymongo import MongoClient
 from pymongo.database import Database
 
+from tests.emulator.raw_wire import recv_exact
+
 OP_REPLY = 1
 OP_QUERY = 2004
 OP_MSG = 2013
@@ -101,21 +103,11 @@ def op_query(ns: str, query: dict[str, Any], *, request_id: int) -> bytes:
     return HEADER.pack(HEADER.size + len(payload), request_id, 0, OP_QUERY) + payload
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("connection closed by server")
-        buf += chunk
-    return buf
-
-
 def recv_message(sock: socket.socket) -> tuple[int, int, int, bytes]:
     """Returns (requestID, responseTo, opCode, body) of the next message."""
-    length, request_id, response_to, opcode = HEADER.unpack(_recv_exact(sock, HEADER.size))
+    length, request_id, response_to, opcode = HEADER.unpack(recv_exact(sock, HEADER.size))
     assert HEADER.size <= length <= 48_000_000
-    return request_id, response_to, opcode, _recv_exact(sock, length - HEADER.size)
+    return request_id, response_to, opcode, recv_exact(sock, length - HEADER.size)
 
 
 def parse_op_msg(header_and_body: bytes, body: bytes) -> tuple[int, dict[str, Any]]:
