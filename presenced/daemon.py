@@ -578,7 +578,6 @@ class Pending:
         self._instances: dict[Any, Key] = {}
         self._resync: ResyncAll | None = None
         self._position: Any = None
-        self._fresh = False
         self._added = trio.Event()
         self._taken = trio.Event()
         self._adds = self._took = self._done = 0
@@ -621,7 +620,6 @@ class Pending:
             elif self._resync is None:
                 self._resync = key
         self._position = position
-        self._fresh = True
         self._adds += 1
         self._added.set()
 
@@ -637,7 +635,6 @@ class Pending:
             keys.insert(0, self._resync)
         self.last_users = len(self._users)
         self._users, self._echoes, self._instances, self._resync = {}, {}, {}, None
-        self._fresh = False
         self._took = self._adds
         self._added = trio.Event()
         taken, self._taken = self._taken, trio.Event()
@@ -646,7 +643,7 @@ class Pending:
 
     async def wait_fresh(self) -> None:
         """Until something was added (keys, or a position) since the last ``take``."""
-        while not self._fresh:
+        while self._adds == self._took:  # every add so far was taken
             await self._added.wait()
 
     def applied(self) -> None:
