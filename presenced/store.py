@@ -59,6 +59,10 @@ SCAN_TIMEOUT_S: Final = 120.0
 """Time allowed to one batch of a reconcile cursor (or to the read of the strays, which
 scans a whole collection), instead of the client's socket timeout."""
 
+_SESSIONS_PROJECTION: Final[Document] = {"connections": 1}
+"""What presence reads of a ``usersSessions`` document (``_id`` comes too)."""
+_USERS_PROJECTION: Final[Document] = dict.fromkeys(USER_FIELDS, 1)
+"""What presence reads of a ``users`` document (``_id`` comes too)."""
 STRAYS_PAGE: Final = 100
 """Documents per query of :meth:`Store.reconcile_strays` (one query from each end when
 there are fewer strays)."""
@@ -239,7 +243,7 @@ class Store:
         cursor itself) unless the reply would exceed 16 MiB. No call for no ids. The caller
         bounds the number of ids per call (the ``$in`` list travels in the command).
         """
-        return self._load_by_id(self._sessions, user_ids, {"connections": 1})
+        return self._load_by_id(self._sessions, user_ids, _SESSIONS_PROJECTION)
 
     def load_users(self, user_ids: Collection[Any]) -> dict[Any, Document]:
         """The ``users`` documents of ``user_ids``, projected to ``_id`` and the fields
@@ -248,7 +252,7 @@ class Store:
         Cost: as ``load_sessions``: one ``find({_id: {$in: ids}})`` answered in its first
         batch; no call for no ids.
         """
-        return self._load_by_id(self._users, user_ids, dict.fromkeys(USER_FIELDS, 1))
+        return self._load_by_id(self._users, user_ids, _USERS_PROJECTION)
 
     def load_instances(self) -> list[Document]:
         """Every ``instances`` document, ``_id`` and ``_updatedAt`` only (an empty list when
@@ -278,8 +282,8 @@ class Store:
         self, source: ReconcileSource
     ) -> tuple[MongoCollection[Document], Document]:
         if source == "sessions":
-            return self._sessions, {"connections": 1}
-        return self._users, dict.fromkeys(USER_FIELDS, 1)
+            return self._sessions, _SESSIONS_PROJECTION
+        return self._users, _USERS_PROJECTION
 
     def reconcile_cursor(
         self, source: ReconcileSource, after: str | None, batch: int, *,
@@ -471,7 +475,7 @@ class Store:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
         cursor = self._sessions.find(
-            {"connections._updatedAt": {"$lt": cutoff}}, {"connections": 1},
+            {"connections._updatedAt": {"$lt": cutoff}}, _SESSIONS_PROJECTION,
             limit=limit, batch_size=limit,
         )
         with cursor:
