@@ -1,4 +1,4 @@
-"""Command line: ``presenced run``, ``check``, ``demo`` and ``simulate``.
+"""Command line: ``presenced run``, ``check``, ``verify``, ``demo`` and ``simulate``.
 
 Owns: argument parsing, turning settings problems into exit status 78 with the message,
 a crash of the daemon into one redacted CRITICAL log line and exit status 70, and each
@@ -14,7 +14,7 @@ import shutil
 import sys
 import textwrap
 from collections.abc import Iterator, Sequence
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from presenced import __version__
 from presenced.config import Settings, SettingsError, load_settings, settings_table_text
@@ -24,6 +24,9 @@ EX_OK: Final = 0
 EX_FAIL: Final = 1
 EX_USAGE: Final = 2
 """A command line argparse cannot use (argparse's own status for usage errors)."""
+EX_UNAVAILABLE: Final = 69
+"""MongoDB could not be reached or read (sysexits.h EX_UNAVAILABLE): ``verify`` could not
+tell, which is neither "all right" (0) nor "some differ" (1)."""
 EX_SOFTWARE: Final = 70
 """An unexpected exception, i.e. a bug (sysexits.h EX_SOFTWARE)."""
 
@@ -50,6 +53,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not more than 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more")
     return value
 
 
@@ -169,6 +182,98 @@ def _check_rocketchat(settings: Settings) -> bool:
         parts.append("logged in" + ("" if report.admin else " (the user lacks the admin role)"))
     print(f"Rocket.Chat: ok at {details['url']}, " + ", ".join(parts))
     return True
+
+
+def verify(args: argparse.Namespace) -> int:
+    """Derive every user with the daemon's rules and list those whose stored status differs.
+    Exit 0 when none differ, 1 when some do, 69 when MongoDB cannot be read, 78 on bad
+    settings."""
+    import json
+    import os
+
+    environ = dict(os.environ)
+    if args.mongo_url is not None:
+        environ.pop("MONGO_URL_FILE", None)
+        environ["MONGO_URL"] = args.mongo_url
+    try:
+        settings = load_settings(environ).for_command("verify")
+    except SettingsError as exc:
+        _err(f"presenced verify: the settings need fixing:\n{exc}")
+        return SettingsError.exit_code
+    from pymongo import MongoClient
+    from pymongo.errors import PyMongoError
+
+    from presenced.daemon import collections_of
+    from presenced.verify import render_text
+    from presenced.verify import verify as run_verify
+
+    progress = _ProgressLine(sys.stderr) if sys.stderr.isatty() else None
+    url = settings.require_mongo()
+    # Timeouts the URL sets win over these defaults (pymongo's keywords would override them).
+    defaults: dict[str, Any] = {"serverSelectionTimeoutMS": 10_000, "connectTimeoutMS": 10_000,
+                "socketTimeoutMS": 120_000}
+    query = url.partition("?")[2].lower()
+    options = {k: v for k, v in defaults.items() if f"{k.lower()}=" not in query}
+    client: MongoClient[dict[str, Any]] = MongoClient(url, appname="presenced-verify", **options)
+    collections = collections_of(settings)
+    try:
+        report = run_verify(
+            client[collections.database], collections,
+            ttl_ms=settings.cache_ttl * 1000,
+            instance_timeout_ms=settings.instance_timeout * 1000,
+            unlisted_dead=settings.transporter is None,
+            grace_s=args.grace, fix=args.fix,
+            progress=progress.update if progress is not None else None,
+        )
+    except PyMongoError as exc:
+        if progress is not None:
+            progress.clear()
+        _err(redact(f"presenced verify: cannot read MongoDB: {exc}", settings.secrets()))
+        return EX_UNAVAILABLE
+    finally:
+        client.close()
+    if progress is not None:
+        progress.clear()
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        print(render_text(report))
+    return EX_OK if report.ok else EX_FAIL
+
+
+class _ProgressLine:
+    """A one-line progress bar on a terminal, redrawn at most 10 times a second."""
+
+    WIDTH: Final = 30
+
+    def __init__(self, stream: object) -> None:
+        import time
+
+        self._stream = stream
+        self._time = time.monotonic
+        self._last = 0.0
+        self._drawn = False
+
+    def update(self, done: int, total: int) -> None:
+        now = self._time()
+        if now - self._last < 0.1 and done < total:
+            return
+        self._last = now
+        share = done / total if total else 1.0
+        filled = int(share * self.WIDTH)
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        self._write(f"\rverifying [{bar}] {done:,}/{total:,} users ({share:.0%})")
+        self._drawn = True
+
+    def clear(self) -> None:
+        if self._drawn:
+            self._write("\r\x1b[2K")
+            self._drawn = False
+
+    def _write(self, text: str) -> None:
+        stream = self._stream
+        stream.write(text)  # type: ignore[attr-defined]
+        stream.flush()  # type: ignore[attr-defined]
 
 
 def run() -> int:
@@ -326,6 +431,26 @@ def build_parser() -> argparse.ArgumentParser:
                     " connection. Exits 0 when MongoDB answers as a replica-set member, 1"
                     " when it does not or cannot be reached, 78 when a setting is bad.",
     )
+    verify_parser = sub.add_parser(
+        "verify", help="list the users whose stored status is not what presenced derives",
+        description="Read users, usersSessions and instances (the settings of presenced run),"
+                    " derive every user at one instant with the daemon's rules, and list each"
+                    " user whose stored status/statusConnection differs, with why. A user that"
+                    " differs is read again after --grace seconds and counts only if its"
+                    " documents did not change meanwhile and it still differs. Read-only"
+                    " unless --fix. Exits 0 when none differ, 1 when some do, 69 when MongoDB"
+                    " cannot be read, 78 when a setting is bad.",
+    )
+    verify_parser.add_argument("--mongo-url", default=None,
+                               help="MongoDB URL naming the database (default: MONGO_URL)")
+    verify_parser.add_argument("--grace", type=_non_negative_float, default=2.0,
+                               help="seconds a differing user is given to settle before it"
+                                    " counts (default: %(default)s)")
+    verify_parser.add_argument("--json", action="store_true",
+                               help="print the report as JSON")
+    verify_parser.add_argument("--fix", action="store_true",
+                               help="write the derived values where they differ, with the"
+                                    " daemon's conditional writes")
     width = _help_width()
     sub.add_parser(
         "run", help="run the daemon (settings from the environment and .env)",
@@ -388,6 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check()
     if args.command == "run":
         return run()
+    if args.command == "verify":
+        return verify(args)
     if args.command == "demo":
         return demo(users=args.users, seed=args.seed)
     if args.command == "simulate":

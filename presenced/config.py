@@ -338,8 +338,9 @@ class Settings:
         return self.mongo_url
 
     def for_command(self, command: str) -> Settings:
-        """These settings, checked for what ``command`` needs (``run`` needs MONGO_URL)."""
-        if command == "run":
+        """These settings, checked for what ``command`` needs (``run`` and ``verify`` need
+        MONGO_URL)."""
+        if command in ("run", "verify"):
             self.require_mongo()
         return self
 
